@@ -96,21 +96,20 @@ def nearest_poses(queries: Tensor, candidates: Tensor, k: int = 1) -> tuple[Tens
 
 def matrix_to_quaternion(rotation: Tensor) -> Tensor:
     """Unit quaternions [..., 4] (w, x, y, z), with w >= 0, of rotation matrices [..., 3, 3]."""
-    m = rotation
-    trace = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
-    # Four algebraically equal solutions, each well conditioned where its leading term is largest.
+    (m00, m01, m02), (m10, m11, m12), (m20, m21, m22) = (row.unbind(-1) for row in rotation.unbind(-2))
+    # 4w², 4x², 4y², 4z²; row i of `candidates` is 4 q_i q, an accurate solution where q_i² is largest.
+    leading = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1)
     candidates = torch.stack(
         [
-            torch.stack([1 + trace, m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1),
-            torch.stack([m[..., 2, 1] - m[..., 1, 2], 1 + 2 * m[..., 0, 0] - trace, m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0]], -1),
-            torch.stack([m[..., 0, 2] - m[..., 2, 0], m[..., 0, 1] + m[..., 1, 0], 1 + 2 * m[..., 1, 1] - trace, m[..., 1, 2] + m[..., 2, 1]], -1),
-            torch.stack([m[..., 1, 0] - m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1], 1 + 2 * m[..., 2, 2] - trace], -1),
+            torch.stack([leading[..., 0], m21 - m12, m02 - m20, m10 - m01], -1),
+            torch.stack([m21 - m12, leading[..., 1], m01 + m10, m02 + m20], -1),
+            torch.stack([m02 - m20, m01 + m10, leading[..., 2], m12 + m21], -1),
+            torch.stack([m10 - m01, m02 + m20, m12 + m21, leading[..., 3]], -1),
         ],
         dim=-2,
     )
-    leading = torch.stack([1 + trace, 1 + 2 * m[..., 0, 0] - trace, 1 + 2 * m[..., 1, 1] - trace, 1 + 2 * m[..., 2, 2] - trace], -1)
-    best = leading.argmax(dim=-1)
-    quaternion = torch.gather(candidates, -2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
+    best = leading.argmax(dim=-1)[..., None, None].expand(*leading.shape[:-1], 1, 4)
+    quaternion = torch.gather(candidates, -2, best).squeeze(-2)
     quaternion = quaternion / torch.linalg.vector_norm(quaternion, dim=-1, keepdim=True)
     return torch.where(quaternion[..., :1] < 0, -quaternion, quaternion)
 
