@@ -1,0 +1,10 @@
+"""The nerfstudio method `difix3d-gs`: the only package in this project that imports nerfstudio.
+
+Importing it (ns-train discovers it through the `nerfstudio.method_configs` entry point; ns-render and
+ns-eval import it while reading a run's config.yml) makes nerfstudio's checkpoints loadable under
+torch's `weights_only` default.
+"""
+
+from nerfstudio_plugin.checkpoints import allow_nerfstudio_checkpoint_globals
+
+allow_nerfstudio_checkpoint_globals()

@@ -1,0 +1,166 @@
+"""Splatfacto, made device-agnostic and offline-safe, with Difix3D+ enhanced renders.
+
+Differences from nerfstudio's SplatfactoModel, and why:
+- rasterization goes through `difix3d.rasterize` (gsplat on CUDA, PyTorch on CPU) and nothing calls
+  `.cuda()`, so `--machine.device-type cpu` trains;
+- LPIPS comes from `difix3d.metrics`, which never downloads: it is reported only where the AlexNet
+  backbone weights are on disk (torchmetrics' LPIPS would download them at construction);
+- pseudo-view batches carry a `mask` (applied by the parent) and a `loss_weight` (applied here);
+- `get_outputs_for_camera` adds `rgb_enhanced`: Difix on the render, referenced by the nearest
+  training image(s) — the "+" of Difix3D+. Training steps never pay for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple, Type, Union
+from unittest import mock
+
+import torch
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.data.scene_box import OrientedBox
+from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
+
+from difix3d.metrics import LPIPSMetric
+from difix3d.rasterize import rasterization
+
+# (rendered RGB [H, W, 3] in [0, 1], camera-to-world [3, 4]) -> enhanced RGB [H, W, 3]
+Enhancer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Difix3DGSModelConfig(SplatfactoModelConfig):
+    """Splatfacto's options, plus Difix3D+ renders."""
+
+    _target: Type = field(default_factory=lambda: Difix3DGSModel)
+    enhance_renders: bool = True
+    """Add `rgb_enhanced` (Difix on the render) to renders outside training (ns-render, ns-eval, viewer)."""
+
+
+class Difix3DGSModel(SplatfactoModel):
+    config: Difix3DGSModelConfig
+
+    def populate_modules(self) -> None:
+        # The parent moves seed colours to CUDA and builds a downloading LPIPS; give it neither and
+        # apply the seed colours here.
+        seed_points = self.seed_points
+        if seed_points is not None:
+            self.seed_points = (seed_points[0], seed_points[1][:0])
+        with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **_: None):
+            super().populate_modules()
+        self.seed_points = seed_points
+        if seed_points is not None and not self.config.random_init and len(seed_points[1]) > 0:
+            colours = seed_points[1].float() / 255
+            if self.config.sh_degree > 0:
+                self.gauss_params["features_dc"].data = RGB2SH(colours)
+            else:
+                self.gauss_params["features_dc"].data = torch.logit(colours, eps=1e-10)
+        del self.lpips
+        self.lpips_metric = LPIPSMetric("alex")
+        # A plain attribute, not a submodule: Difix weights stay out of the 3DGS checkpoints.
+        self.__dict__["enhancer"] = None
+
+    def set_enhancer(self, enhancer: Optional[Enhancer]) -> None:
+        """Install the Difix3D+ post-render enhancer (done by the pipeline once Difix is loaded)."""
+        self.__dict__["enhancer"] = enhancer
+
+    def get_outputs(self, camera: Cameras) -> Dict[str, Union[torch.Tensor, list]]:
+        if not isinstance(camera, Cameras):
+            raise TypeError("Difix3DGSModel.get_outputs expects a nerfstudio Cameras object")
+        if self.training:
+            assert camera.shape[0] == 1, "Only one camera at a time"
+            camera_to_world = self.camera_optimizer.apply_to_camera(camera)
+        else:
+            camera_to_world = camera.camera_to_worlds
+
+        params = {name: self.gauss_params[name] for name in self.gauss_params.keys()}
+        if self.crop_box is not None and not self.training:
+            inside = self.crop_box.within(self.means).squeeze()
+            if inside.sum() == 0:
+                return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
+            params = {name: value[inside] for name, value in params.items()}
+        colours = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
+        if self.config.sh_degree > 0:
+            sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+        else:
+            colours, sh_degree = torch.sigmoid(colours).squeeze(1), None
+
+        downscale = self._get_downscale_factor()
+        camera.rescale_output_resolution(1 / downscale)
+        intrinsics = camera.get_intrinsics_matrices().to(self.device)
+        width, height = int(camera.width.item()), int(camera.height.item())
+        camera.rescale_output_resolution(downscale)
+        self.last_size = (height, width)
+
+        render_mode = "RGB+ED" if self.config.output_depth_during_training or not self.training else "RGB"
+        render, alpha, self.info = rasterization(
+            means=params["means"],
+            quats=params["quats"],
+            scales=torch.exp(params["scales"]),
+            opacities=torch.sigmoid(params["opacities"]).squeeze(-1),
+            colors=colours,
+            viewmats=get_viewmat(camera_to_world),
+            Ks=intrinsics,
+            width=width,
+            height=height,
+            packed=False,
+            near_plane=0.01,
+            far_plane=1e10,
+            render_mode=render_mode,
+            sh_degree=sh_degree,
+            sparse_grad=False,
+            absgrad=self.strategy.absgrad,
+            rasterize_mode=self.config.rasterize_mode,
+        )
+        if self.training:
+            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
+
+        background = self._get_background_color()
+        rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)
+        if self.config.use_bilateral_grid and self.training and camera.metadata and "cam_idx" in camera.metadata:
+            rgb = self._apply_bilateral_grid(rgb, camera.metadata["cam_idx"], height, width)
+        depth = None
+        if render_mode == "RGB+ED":
+            depth = render[..., 3:4]
+            depth = torch.where(alpha > 0, depth, depth.detach().max()).squeeze(0)
+        if background.shape[0] == 3 and not self.training:
+            background = background.expand(height, width, 3)
+        return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
+        loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+        if "loss_weight" in batch:  # pseudo views weigh less (their mask was applied by the parent)
+            loss_dict["main_loss"] = loss_dict["main_loss"] * batch["loss_weight"]
+        return loss_dict
+
+    @torch.no_grad()
+    def get_outputs_for_camera(self, camera: Cameras, obb_box: Optional[OrientedBox] = None) -> Dict[str, torch.Tensor]:
+        outputs = super().get_outputs_for_camera(camera, obb_box)
+        enhancer = self.__dict__.get("enhancer")
+        if enhancer is not None and self.config.enhance_renders and not self.training:
+            outputs["rgb_enhanced"] = enhancer(outputs["rgb"], camera.camera_to_worlds[0].to(self.device))
+        return outputs
+
+    def get_image_metrics_and_images(
+        self, outputs: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]
+    ) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
+        gt_rgb = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        metrics: Dict[str, float] = {}
+        images = {"img": torch.cat([gt_rgb, outputs["rgb"]], dim=1)}
+        for name, suffix in (("rgb", ""), ("rgb_enhanced", "_enhanced")):
+            if name not in outputs:
+                continue
+            metrics.update({key + suffix: value for key, value in self._image_metrics(outputs[name], gt_rgb).items()})
+        if "rgb_enhanced" in outputs:
+            images["img_enhanced"] = torch.cat([gt_rgb, outputs["rgb_enhanced"]], dim=1)
+        return metrics, images
+
+    def _image_metrics(self, prediction: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
+        """PSNR, SSIM as Splatfacto computes them; LPIPS only where its backbone weights exist."""
+        prediction = torch.moveaxis(prediction, -1, 0)[None]
+        target = torch.moveaxis(target, -1, 0)[None]
+        metrics = {"psnr": float(self.psnr(target, prediction).item()), "ssim": float(self.ssim(target, prediction))}
+        lpips = self.lpips_metric(prediction, target)
+        if lpips is not None:
+            metrics["lpips"] = float(lpips.mean())
+        return metrics
