@@ -1,0 +1,702 @@
+"""Fine-tuning Difix on (degraded render, clean target, reference) pairs: `difix3d train`.
+
+Dataset: a JSON file in the reference release's format,
+`{"train": {ID: {"image", "target_image", "ref_image", "prompt"}}, "test": {...}}`, with
+`ref_image` optional (but present for all pairs of a split or for none) and relative paths taken
+from the JSON's folder. Every file is checked before training starts. Size rule: the degraded input
+defines the size; a target or reference of another size but the same aspect ratio (within 1%) is
+resized to it (bilinear, antialiased) and logged; a different aspect ratio is refused. The `prompt`
+field is accepted but not used: Difix keeps its fixed prompt embedding.
+
+Training (defaults as in the reference release): the UNet fully and the VAE decoder's LoRA and skip
+convs (`Difix.trainable_parameters`); loss L2 + LPIPS + Gram (`difix3d.losses.DifixLoss`); AdamW
+(lr 2e-5, weight decay 1e-2), grad-norm clip 1.0; the same random crop of input, reference and
+target. `accelerate` places devices, runs mixed precision (bf16 on GPUs that support it) and
+distributes: `accelerate launch -m difix3d.cli train ...` runs one process per GPU (and node).
+
+Output folder: `checkpoints/step-XXXXXXXX/` (trainable weights, optimizer, step, RNG states; written
+to a temporary folder and renamed, so a crash never leaves a half checkpoint; on multi-node runs the
+folder must be on a shared file system), `eval/step-XXXXXXXX.png` grids (input | output | target |
+reference), `eval/metrics.jsonl`, `tensorboard/`, and at the end the model itself
+(`save_pretrained`, loadable with `load_difix(OUTPUT)`) with its model card `README.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from safetensors.torch import load_file, save_file
+
+from difix3d.errors import Difix3DError
+from difix3d.images import load_image, save_image
+from difix3d.losses import GRAM_LAYER_WEIGHTS, DifixLoss, LossTerms
+from difix3d.metrics import LPIPSMetric, find_backbone_weights, psnr, ssim
+
+logger = logging.getLogger(__name__)
+
+_ASPECT_TOLERANCE = 0.01
+_MAX_MISSING_LISTED = 5
+_GRID_TILE_HEIGHT = 256
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `difix3d train` (defaults: the reference release's recipe)."""
+
+    dataset: Path
+    """Dataset JSON: {"train": {ID: {image, target_image, ref_image?, prompt?}}, "test": {...}}."""
+    output: Path
+    """Output folder: checkpoints, evaluation grids, TensorBoard logs, final model and model card."""
+    model: str = "nvidia/difix_ref"
+    """Starting model: a hub id, a difix3d folder, a release .pkl, or "tiny" (random, for tests)."""
+    base_model: str = "stabilityai/sd-turbo"
+    """Only for a release .pkl: the base model (hub id or folder) its weights apply to."""
+    steps: int = 10_000
+    """Total optimizer steps (with --resume: the step to stop at, counted from the start)."""
+    batch_size: int = 1
+    """Pairs per step per process."""
+    crop_size: int = 512
+    """Side of the random square crop (reduced to the smallest training image, multiple of 8)."""
+    learning_rate: float = 2e-5
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    lambda_l2: float = 1.0
+    lambda_lpips: float = 1.0
+    lambda_gram: float = 1.0
+    """Gram (style) loss weight (the paper's formula uses 0.5, the release 1.0)."""
+    gram_warmup_steps: int = 2000
+    """The Gram loss is switched on after this many steps."""
+    perceptual_backbone: Literal["pretrained", "random"] = "pretrained"
+    """VGG-16 for LPIPS and Gram: ImageNet weights (required unless "random", for tests only)."""
+    vgg16_weights: Path | None = None
+    """torchvision VGG-16 weights file (default: $DIFIX3D_VGG16_WEIGHTS, then the torch hub cache)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """"auto": bf16 on GPUs that support it, else full precision."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about 30% slower)."""
+    checkpoint_every: int = 1000
+    """Write a checkpoint every N steps (and at the last step)."""
+    keep_checkpoints: int = 2
+    """How many of the latest checkpoints to keep."""
+    eval_every: int = 1000
+    """Evaluate on the test split every N steps (and at the last step); 0: never."""
+    eval_max_pairs: int = 32
+    """Test pairs used per evaluation (the first ones, in JSON order)."""
+    grid_rows: int = 4
+    """Test pairs shown in each evaluation grid."""
+    log_every: int = 10
+    """Log losses to TensorBoard every N steps."""
+    resume: bool = False
+    """Continue from the latest checkpoint in OUTPUT."""
+    seed: int = 0
+    """Seed of the data order, crops and any other randomness (per process: seed + rank)."""
+    num_workers: int = 0
+    """DataLoader worker processes for image loading."""
+
+
+@dataclass
+class Pair:
+    """One training example; paths are absolute."""
+
+    id: str
+    image: Path
+    target: Path
+    ref: Path | None
+    prompt: str | None
+    size: tuple[int, int]  # (H, W) of the degraded input
+
+
+@dataclass
+class TrainResult:
+    """What a `train` call did: the total loss of each step it ran (first_step is 1-based)."""
+
+    first_step: int
+    losses: list[float]
+    final_step: int
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------- dataset
+
+
+def load_dataset(path: Path) -> dict[str, list[Pair]]:
+    """Read and validate a dataset JSON: every file exists and sizes follow the module's rule.
+
+    Returns {"train": [...], "test": [...]} (test may be empty). Raises Difix3DError naming the
+    first missing files (all of them are checked before anything else happens).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise Difix3DError(f"dataset JSON not found: {path}")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise Difix3DError(f"dataset {path} is not valid JSON: {error}") from None
+    if not isinstance(content, dict) or not isinstance(content.get("train"), dict) or not content["train"]:
+        raise Difix3DError(f'dataset {path} needs a non-empty "train" object of ID -> {{image, target_image, ...}}')
+    root = path.parent
+    entries: dict[str, list[tuple[str, dict]]] = {}
+    for split in ("train", "test"):
+        items = content.get(split) or {}
+        if not isinstance(items, dict):
+            raise Difix3DError(f'dataset {path}: "{split}" must be an object of ID -> pair')
+        for pair_id, entry in items.items():
+            if not isinstance(entry, dict) or not entry.get("image") or not entry.get("target_image"):
+                raise Difix3DError(f'dataset {path}: {split}/{pair_id} needs "image" and "target_image"')
+        entries[split] = list(items.items())
+
+    def resolve(name: str) -> Path:
+        candidate = Path(name).expanduser()
+        return candidate if candidate.is_absolute() else root / candidate
+
+    missing = [
+        f"{split}/{pair_id} {key}: {resolve(entry[key])}"
+        for split, items in entries.items()
+        for pair_id, entry in items
+        for key in ("image", "target_image", "ref_image")
+        if entry.get(key) and not resolve(entry[key]).is_file()
+    ]
+    if missing:
+        listed = "; ".join(missing[:_MAX_MISSING_LISTED])
+        more = f" (and {len(missing) - _MAX_MISSING_LISTED} more)" if len(missing) > _MAX_MISSING_LISTED else ""
+        raise Difix3DError(f"dataset {path}: {len(missing)} missing file(s): {listed}{more}")
+
+    splits: dict[str, list[Pair]] = {}
+    for split, items in entries.items():
+        with_ref = [pair_id for pair_id, entry in items if entry.get("ref_image")]
+        if with_ref and len(with_ref) != len(items):
+            without = next(pair_id for pair_id, entry in items if not entry.get("ref_image"))
+            raise Difix3DError(
+                f"dataset {path}: {split} mixes pairs with and without ref_image ({with_ref[0]} has one, "
+                f"{without} has none); give every pair of a split a reference, or none"
+            )
+        pairs = []
+        for pair_id, entry in items:
+            image = resolve(entry["image"])
+            pair = Pair(
+                id=pair_id,
+                image=image,
+                target=resolve(entry["target_image"]),
+                ref=resolve(entry["ref_image"]) if entry.get("ref_image") else None,
+                prompt=entry.get("prompt"),
+                size=_image_size(image),
+            )
+            for other in (pair.target, pair.ref):
+                if other is not None:
+                    _check_aspect(pair, other, _image_size(other))
+            pairs.append(pair)
+        splits[split] = pairs
+    return splits
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        shape = iio.improps(path).shape
+    except Exception as error:  # imageio raises many types for unreadable files
+        raise Difix3DError(f"cannot read image {path}: {error}") from None
+    return int(shape[0]), int(shape[1])
+
+
+def _check_aspect(pair: Pair, other: Path, other_size: tuple[int, int]) -> None:
+    if other_size == pair.size:
+        return
+    aspect, other_aspect = pair.size[1] / pair.size[0], other_size[1] / other_size[0]
+    if abs(other_aspect / aspect - 1) > _ASPECT_TOLERANCE:
+        raise Difix3DError(
+            f"pair {pair.id}: {other} is {other_size[0]}x{other_size[1]} but the input {pair.image} is "
+            f"{pair.size[0]}x{pair.size[1]}; sizes may differ only by a scale (same aspect ratio)"
+        )
+    logger.info("pair %s: %s (%dx%d) is resized to the input's %dx%d", pair.id, other.name, *other_size, *pair.size)
+
+
+def load_pair_images(pair: Pair) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(input, target, reference or None) as [3, H, W] float tensors in [0, 1], all at the input's size."""
+    image = _to_tensor(load_image(pair.image))
+    target = _resize_to(_to_tensor(load_image(pair.target)), pair.size)
+    ref = None if pair.ref is None else _resize_to(_to_tensor(load_image(pair.ref)), pair.size)
+    return image, target, ref
+
+
+def _to_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+
+def _resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == size:
+        return image
+    return F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Random crops addressed by their position in the training stream, not by pair index.
+
+    Position p (0, 1, 2, ...) picks pair `permutation(epoch)[p % N]` and a crop offset from a
+    generator seeded by (seed, p): the stream is a pure function of the seed, so resuming at any
+    step replays exactly the crops an uninterrupted run would have drawn.
+    """
+
+    def __init__(self, pairs: list[Pair], crop: tuple[int, int], seed: int):
+        self.pairs, self.crop, self.seed = pairs, crop, seed
+        self._permutations: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _pair_at(self, position: int) -> Pair:
+        epoch, index = divmod(position, len(self.pairs))
+        if epoch not in self._permutations:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._permutations = {epoch: torch.randperm(len(self.pairs), generator=generator)}
+        return self.pairs[int(self._permutations[epoch][index])]
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        pair = self._pair_at(position)
+        image, target, ref = load_pair_images(pair)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * position + 1)
+        crop_h, crop_w = self.crop
+        top = int(torch.randint(pair.size[0] - crop_h + 1, (1,), generator=generator))
+        left = int(torch.randint(pair.size[1] - crop_w + 1, (1,), generator=generator))
+        views = [image] if ref is None else [image, ref]
+        window = (slice(None), slice(top, top + crop_h), slice(left, left + crop_w))
+        return {
+            "views": torch.stack([view[window] for view in views]) * 2 - 1,  # [V, 3, h, w] in [-1, 1]
+            "target": target[window] * 2 - 1,
+        }
+
+
+class StreamSampler(torch.utils.data.Sampler):
+    """This process's positions in the global stream, from step `start_step` on, forever.
+
+    Global step s uses positions s*B*P ... (s+1)*B*P - 1; process r takes its B consecutive ones.
+    """
+
+    def __init__(self, start_step: int, batch_size: int, process_index: int, num_processes: int):
+        self.start_step, self.batch_size = start_step, batch_size
+        self.process_index, self.num_processes = process_index, num_processes
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            first = (step * self.num_processes + self.process_index) * self.batch_size
+            yield from range(first, first + self.batch_size)
+            step += 1
+
+
+def effective_crop(pairs: list[Pair], crop_size: int) -> tuple[int, int]:
+    """The crop (h, w): `crop_size` limited by the smallest training image, rounded down to a multiple of 8."""
+    min_h, min_w = min(p.size[0] for p in pairs), min(p.size[1] for p in pairs)
+    crop = (min(crop_size, min_h) // 8 * 8, min(crop_size, min_w) // 8 * 8)
+    if 0 in crop:
+        raise Difix3DError(f"training images must be at least 8x8 pixels (smallest: {min_h}x{min_w})")
+    if crop != (crop_size, crop_size):
+        logger.info("crop reduced from %d to %dx%d to fit the smallest training image (%dx%d)", crop_size, *crop, min_h, min_w)
+    return crop
+
+
+# --------------------------------------------------------------------------------------- trainer
+
+
+class DifixTrainer:
+    """The training loop, in pieces a benchmark can drive: `train_step()`, `evaluate()`, `save_checkpoint()`.
+
+    `run()` does the whole job. Build it in every process of an `accelerate launch` run.
+    """
+
+    def __init__(self, config: TrainConfig):
+        from accelerate import Accelerator
+
+        self.config = config
+        _check_config(config)
+        self.output = Path(config.output)
+        self.checkpoint_dir = self.output / "checkpoints"
+        self.splits = load_dataset(config.dataset)  # validates everything before any heavy work
+        resume_from = self._checkpoint_to_resume()
+
+        self.accelerator = Accelerator(mixed_precision=_mixed_precision(config.mixed_precision))
+        self.device = self.accelerator.device
+        _seed_everything(config.seed + self.accelerator.process_index)
+        self.loss_fn = DifixLoss(
+            lambda_l2=config.lambda_l2,
+            lambda_lpips=config.lambda_lpips,
+            lambda_gram=config.lambda_gram,
+            gram_warmup_steps=config.gram_warmup_steps,
+            perceptual_backbone=config.perceptual_backbone,
+            vgg16_weights=config.vgg16_weights,
+        ).to(self.device)
+
+        from difix3d.checkpoint import load_difix
+
+        model = load_difix(config.model, device=self.device, dtype=torch.float32, base=config.base_model)
+        if config.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.trainable_names = _trainable_names(model)
+        self._warn_about_prompts(model)
+        # fused AdamW on CUDA: one kernel, no temporary copies of the optimizer state.
+        optimizer = torch.optim.AdamW(
+            list(model.trainable_parameters()),
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+        self.step = 0
+        if resume_from is not None:
+            self.step = self._load_checkpoint(resume_from, model, optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+
+        self.crop = effective_crop(self.splits["train"], config.crop_size)
+        dataset = CropDataset(self.splits["train"], self.crop, config.seed)
+        sampler = StreamSampler(self.step, config.batch_size, self.accelerator.process_index, self.accelerator.num_processes)
+        # An own generator keeps the loader from drawing on the global RNG (restored on resume).
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            sampler=sampler,
+            num_workers=config.num_workers,
+            generator=torch.Generator().manual_seed(config.seed),
+            pin_memory=self.device.type == "cuda",
+        )
+        self._batches = iter(self.loader)
+        if resume_from is not None:
+            _restore_rng(resume_from / f"rng_{self.accelerator.process_index}.pt", self.device)
+        self.lpips_metric = LPIPSMetric("vgg", config.vgg16_weights, self.device) if self._is_main else None
+        self.writer = self._tensorboard_writer()
+
+    @property
+    def _is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # --------------------------------------------------------------------------- one step
+
+    def train_step(self) -> LossTerms:
+        """One optimizer step on the next batch; returns the loss terms (averaged over processes)."""
+        batch = next(self._batches)
+        views = batch["views"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        self.model.train()
+        prediction = self.model(views)
+        with self.accelerator.autocast():
+            terms = self.loss_fn(prediction, target, step=self.step)
+        self.accelerator.backward(terms.total)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        names = [f.name for f in dataclasses.fields(LossTerms)]
+        reduced = LossTerms(**{n: self.accelerator.reduce(getattr(terms, n).detach().float(), "mean") for n in names})
+        if self.writer is not None and self.step % max(self.config.log_every, 1) == 0:
+            for name in names:
+                self.writer.add_scalar(f"loss/{name}", float(getattr(reduced, name)), self.step)
+            self.writer.add_scalar("train/grad_norm", float(grad_norm), self.step)
+        return reduced
+
+    # --------------------------------------------------------------------------- whole run
+
+    def run(self) -> TrainResult:
+        """Train up to `config.steps`, checkpointing and evaluating on schedule; save the final model."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        result = TrainResult(first_step=self.step + 1, losses=[], final_step=self.step)
+        progress = tqdm(
+            total=config.steps, initial=self.step, desc="difix3d train", unit="step", disable=not self._is_main, dynamic_ncols=True
+        )
+        while self.step < config.steps:
+            terms = self.train_step()
+            loss = float(terms.total)
+            if not math.isfinite(loss):
+                raise Difix3DError(f"training diverged: loss {loss} at step {self.step} (try a lower --learning-rate)")
+            result.losses.append(loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            last = self.step == config.steps
+            if config.eval_every and (self.step % config.eval_every == 0 or last):
+                result.evaluations.append(self.evaluate())
+            if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or last:
+                self.save_checkpoint()
+        progress.close()
+        result.final_step = self.step
+        self.save_model(result)
+        return result
+
+    # --------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """PSNR/SSIM (+ LPIPS when its weights are present) on the first test pairs, a grid PNG and logs.
+
+        Runs on the main process; the others wait. Returns the metrics (empty without a test split).
+        """
+        metrics: dict[str, Any] = {}
+        pairs = self.splits["test"][: self.config.eval_max_pairs]
+        if self._is_main and pairs:
+            model = self.accelerator.unwrap_model(self.model)
+            model.eval()
+            scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
+            rows = []
+            for pair in pairs:
+                image, target, ref = (None if t is None else t[None].to(self.device) for t in load_pair_images(pair))
+                with self.accelerator.autocast():
+                    output = model.fix(image, refs=ref).float().clamp(0, 1)
+                scores["psnr"].append(float(psnr(output, target)))
+                scores["ssim"].append(float(ssim(output, target)) if min(pair.size) >= 11 else math.nan)
+                lpips_value = self.lpips_metric(output, target)
+                if lpips_value is not None:
+                    scores["lpips"].append(float(lpips_value))
+                if len(rows) < self.config.grid_rows:
+                    rows.append([image, output, target, ref])
+            metrics = {"step": self.step, "pairs": len(pairs)}
+            metrics.update({name: float(np.mean(values)) for name, values in scores.items() if values})
+            grid_path = self.output / "eval" / f"step-{self.step:08d}.png"
+            save_image(grid_path, _grid(rows))
+            with (self.output / "eval" / "metrics.jsonl").open("a") as log:
+                log.write(json.dumps(metrics) + "\n")
+            if self.writer is not None:
+                for name in ("psnr", "ssim", "lpips"):
+                    if name in metrics:
+                        self.writer.add_scalar(f"eval/{name}", metrics[name], self.step)
+                self.writer.add_image("eval/grid", iio.imread(grid_path), self.step, dataformats="HWC")
+            logger.info("step %d eval: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    # --------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step-N atomically: every process writes into a temporary folder, the
+        main process renames it once all are done, then prunes old checkpoints."""
+        final = self.checkpoint_dir / f"step-{self.step:08d}"
+        staging = self.checkpoint_dir / f".tmp-step-{self.step:08d}"
+        if self._is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        if self._is_main:
+            model = self.accelerator.unwrap_model(self.model)
+            trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if n in self.trainable_names}
+            save_file(trainable, staging / "trainable.safetensors")
+            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+            if self.accelerator.scaler is not None:
+                torch.save(self.accelerator.scaler.state_dict(), staging / "grad_scaler.pt")
+            state = {"step": self.step, "model": self.config.model, "num_processes": self.accelerator.num_processes}
+            (staging / "state.json").write_text(json.dumps(state, indent=2))
+        torch.save(_rng_state(), staging / f"rng_{self.accelerator.process_index}.pt")
+        self.accelerator.wait_for_everyone()
+        if self._is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
+            for old in _checkpoints(self.checkpoint_dir)[: -max(self.config.keep_checkpoints, 1)]:
+                shutil.rmtree(old)
+            logger.info("checkpoint written: %s", final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        existing = _checkpoints(self.checkpoint_dir)
+        if self.config.resume:
+            if not existing:
+                raise Difix3DError(f"--resume: no checkpoint in {self.checkpoint_dir}")
+            return existing[-1]
+        if existing:
+            raise Difix3DError(
+                f"{self.output} already holds checkpoints (latest {existing[-1].name}); "
+                "pass --resume to continue, or choose another --output"
+            )
+        return None
+
+    def _load_checkpoint(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        state = json.loads((directory / "state.json").read_text())
+        if state["model"] != self.config.model:
+            raise Difix3DError(f"--resume: {directory} was trained from --model {state['model']}, not {self.config.model}")
+        if state["num_processes"] != self.accelerator.num_processes:
+            logger.warning(
+                "resuming a %d-process run with %d processes: the data order changes from here on",
+                state["num_processes"],
+                self.accelerator.num_processes,
+            )
+        trainable = load_file(directory / "trainable.safetensors", device=str(self.device))
+        missing = sorted(self.trainable_names - set(trainable))
+        if missing:
+            raise Difix3DError(f"--resume: {directory} lacks trainable weights, e.g. {', '.join(missing[:3])}")
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name in self.trainable_names:
+                    parameter.copy_(trainable[name])
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
+        if self.accelerator.scaler is not None and (directory / "grad_scaler.pt").is_file():
+            self.accelerator.scaler.load_state_dict(torch.load(directory / "grad_scaler.pt", weights_only=True))
+        logger.info("resumed from %s (step %d)", directory, state["step"])
+        return int(state["step"])
+
+    # --------------------------------------------------------------------------- final model
+
+    def save_model(self, result: TrainResult) -> None:
+        """Save the trained model into the output folder (`save_pretrained`) with its model card."""
+        self.accelerator.wait_for_everyone()
+        if self._is_main:
+            model = self.accelerator.unwrap_model(self.model)
+            model.save_pretrained(str(self.output))
+            (self.output / "README.md").write_text(self._model_card(result))
+            logger.info("model saved to %s", self.output)
+        if self.writer is not None:
+            self.writer.close()
+        self.accelerator.wait_for_everyone()
+
+    def _model_card(self, result: TrainResult) -> str:
+        config = self.config
+        train, test = self.splits["train"], self.splits["test"]
+        if config.perceptual_backbone == "random":
+            backbone = "**RANDOM (untrained) VGG-16** — asked for explicitly; LPIPS and Gram terms are not perceptual"
+        elif config.lambda_lpips > 0 or config.lambda_gram > 0:
+            backbone = f"ImageNet VGG-16 from `{find_backbone_weights('vgg', config.vgg16_weights)}`"
+        else:
+            backbone = "not used"
+        last_eval = next((e for e in reversed(result.evaluations) if e), None)
+        metrics = (
+            ", ".join(f"{k.upper()} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
+            + f" (step {last_eval['step']}, {last_eval['pairs']} test pairs)"
+            if last_eval
+            else "no evaluation (no test split, or --eval-every 0)"
+        )
+        if last_eval and "lpips" not in last_eval:
+            metrics += "; LPIPS unavailable (no VGG-16 ImageNet weights)"
+        layer_weights = ", ".join(f"{w:.4g}" for w in GRAM_LAYER_WEIGHTS)
+        return f"""# Difix fine-tuned with difix3d
+
+Load with `difix3d.checkpoint.load_difix("{self.output}")` or `difix3d fix --model {self.output} ...`.
+
+- **Started from**: `{config.model}`
+- **Data**: `{config.dataset}` — {len(train)} training pairs, {len(test)} test pairs, \
+{"with" if train[0].ref is not None else "without"} reference views
+- **Steps**: {result.final_step} × batch {config.batch_size} × {self.accelerator.num_processes} process(es); \
+random {self.crop[0]}x{self.crop[1]} crops
+- **Optimizer**: AdamW, lr {config.learning_rate:g}, weight decay {config.weight_decay:g}, grad-norm clip {config.max_grad_norm:g}
+- **Precision**: {"fp32" if self.accelerator.mixed_precision == "no" else self.accelerator.mixed_precision + " mixed precision"}; gradient checkpointing {"on" if config.gradient_checkpointing else "off"}
+- **Trained**: UNet (all weights), VAE decoder LoRA and skip convs; VAE encoder frozen
+- **Loss**: {config.lambda_l2:g}·L2 + {config.lambda_lpips:g}·LPIPS(VGG) + {config.lambda_gram:g}·Gram \
+(VGG-16 relu1_2…relu5_3, layer weights {layer_weights}; on after {config.gram_warmup_steps} steps)
+- **Perceptual backbone**: {backbone}
+- **Evaluation**: {metrics}
+- **Final training loss**: {f"{result.losses[-1]:.4f}" if result.losses else "n/a"}
+"""
+
+    # --------------------------------------------------------------------------- helpers
+
+    def _tensorboard_writer(self):
+        if not self._is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.info("tensorboard is not installed: no TensorBoard logs")
+            return None
+        return SummaryWriter(log_dir=str(self.output / "tensorboard"))
+
+    def _warn_about_prompts(self, model: torch.nn.Module) -> None:
+        prompts = {p.prompt for split in self.splits.values() for p in split if p.prompt}
+        other = sorted(prompts - {model.config.prompt})
+        if other:
+            logger.warning("the dataset's prompts (e.g. %r) are ignored: Difix uses its fixed prompt %r", other[0], model.config.prompt)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Fine-tune Difix as `config` says (see the module docstring); returns this call's losses."""
+    return DifixTrainer(config).run()
+
+
+def train_command(config: Annotated[TrainConfig, tyro.conf.OmitArgPrefixes]) -> None:
+    """Fine-tune Difix on (degraded, clean, reference) pairs from a dataset JSON.
+
+    Runs on CPU or one GPU as is; for several GPUs or nodes: `accelerate launch -m difix3d.cli train ...`.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.time()
+    result = train(config)
+    logger.info("trained to step %d in %.0f s; model and card in %s", result.final_step, time.time() - started, config.output)
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _check_config(config: TrainConfig) -> None:
+    positive = {"steps": config.steps, "batch_size": config.batch_size, "crop_size": config.crop_size}
+    for name, value in positive.items():
+        if value < 1:
+            raise Difix3DError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if config.learning_rate <= 0:
+        raise Difix3DError(f"--learning-rate must be positive, got {config.learning_rate}")
+    if min(config.lambda_l2, config.lambda_lpips, config.lambda_gram) < 0:
+        raise Difix3DError("loss weights (--lambda-*) must not be negative")
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        if choice != "no" and not torch.cuda.is_available():
+            raise Difix3DError(f"--mixed-precision {choice} needs a CUDA GPU; use 'no' on CPU")
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _trainable_names(model: torch.nn.Module) -> set[str]:
+    trainable = {id(p) for p in model.trainable_parameters()}
+    return {name for name, parameter in model.named_parameters() if id(parameter) in trainable}
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("step-*") if (p / "state.json").is_file())
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(path: Path, device: torch.device) -> None:
+    if not path.is_file():
+        logger.warning("no RNG state %s (different number of processes?): continuing with fresh seeds", path.name)
+        return
+    state = torch.load(path, weights_only=False)  # our own file: python and numpy RNG states are pickled tuples
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _grid(rows: list[list[torch.Tensor | None]]) -> np.ndarray:
+    """Rows of (input, output, target, reference) [1,3,H,W] tensors -> one HxWx3 image; a missing
+    reference is a grey tile. Every tile is scaled to the first input's size, capped in height."""
+    height, width = rows[0][0].shape[-2:]
+    scale = min(1.0, _GRID_TILE_HEIGHT / height)
+    tile = (max(1, round(height * scale)), max(1, round(width * scale)))
+    grey = torch.full((1, 3, *tile), 0.5)
+    lines = []
+    for row in rows:
+        tiles = [grey if t is None else F.interpolate(t.float().cpu(), size=tile, mode="bilinear", antialias=True) for t in row]
+        lines.append(torch.cat(tiles, dim=-1))
+    grid = torch.cat(lines, dim=-2)[0].clamp(0, 1)
+    return grid.permute(1, 2, 0).numpy()
