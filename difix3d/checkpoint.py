@@ -188,7 +188,7 @@ def _download(repo_id: str) -> Path:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise Difix3DError(
             f"cannot get Difix model {repo_id!r}: tried {tried}: {reason}. "
-            f"On a machine with network access run `huggingface-cli download {repo_id} --local-dir DIR`, "
+            f"On a machine with network access run `hf download {repo_id} --local-dir DIR`, "
             f"then pass the folder (--model DIR, or load_difix('DIR'))"
         ) from None
 
@@ -246,8 +246,8 @@ def encode_prompt(folder: Path, prompt: str) -> torch.Tensor:
 
     if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
         raise Difix3DError(f"{folder} has no text_encoder/ and tokenizer/ to encode the prompt {prompt!r}")
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
     tokens = tokenizer(
         prompt, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
     ).input_ids

@@ -1,0 +1,105 @@
+"""`difix3d fix`: clean rendered images (a file, a folder or a video) with Difix."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from difix3d.checkpoint import DEFAULT_BASE, load_difix
+from difix3d.errors import Difix3DError
+from difix3d.images import IMAGE_SUFFIXES, is_video, list_images, load_image, read_video, save_image
+
+logger = logging.getLogger(__name__)
+
+Frame = tuple[str, Callable[[], np.ndarray]]  # output name (no suffix), loader
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def fix_command(
+    input: Path,  # noqa: A002 - the flag is --input
+    output: Path,
+    ref: Path | None = None,
+    model: str = "nvidia/difix_ref",
+    base: str = DEFAULT_BASE,
+    device: str = "auto",
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
+    overwrite: bool = False,
+) -> None:
+    """Fix rendered images with Difix and write them as PNG to OUTPUT.
+
+    Args:
+        input: An image, a folder of images or a video.
+        output: Folder for the fixed images (named after the inputs; video frames as NAME_00000.png).
+        ref: Optional reference image, or a folder paired with the inputs by file name, else by order.
+        model: Hub id, difix3d or diffusers folder, release .pkl, or "tiny" (random weights, for tests).
+        base: SD-Turbo base (hub id or folder) that a release .pkl is applied to.
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+        dtype: "auto" is bfloat16 on CUDA and float32 on CPU.
+        overwrite: Redo images whose output already exists (they are skipped otherwise).
+    """
+    count, frames, names = _input_frames(input)
+    reference_for = _reference_lookup(ref, names)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    torch_dtype = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    difix = load_difix(model, device=device, dtype=torch_dtype, base=base)
+    written = skipped = 0
+    for index, (name, load) in enumerate(tqdm(frames, total=count, desc="difix3d fix", unit="image")):
+        target = output / f"{name}.png"
+        if target.exists() and not overwrite:
+            skipped += 1
+            continue
+        save_image(target, difix.fix(load(), reference_for(index, name)))
+        written += 1
+    note = f"; skipped {skipped} already written (--overwrite redoes them)" if skipped else ""
+    print(f"wrote {written} image(s) to {output}{note}")
+
+
+def _input_frames(path: Path) -> tuple[int | None, Iterator[Frame], list[str] | None]:
+    """(count or None for videos, frames, names for pairing by name or None)."""
+    if path.is_dir():
+        files = list_images(path)
+        if not files:
+            raise Difix3DError(f"no images in {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        return len(files), ((file.stem, partial(load_image, file)) for file in files), [f.stem for f in files]
+    if not path.is_file():
+        raise Difix3DError(f"input {path} does not exist")
+    if is_video(path):
+        frames = ((f"{path.stem}_{i:05d}", partial(np.asarray, frame)) for i, frame in enumerate(read_video(path)))
+        return None, frames, None
+    return 1, iter([(path.stem, partial(load_image, path))]), [path.stem]
+
+
+def _reference_lookup(ref: Path | None, names: list[str] | None) -> Callable[[int, str], np.ndarray | None]:
+    """A function (input index, input name) -> the reference image for it (or None)."""
+    if ref is None:
+        return lambda index, name: None
+    if ref.is_file():
+        image = load_image(ref)
+        return lambda index, name: image
+    if not ref.is_dir():
+        raise Difix3DError(f"reference {ref} does not exist")
+    files = list_images(ref)
+    if not files:
+        raise Difix3DError(f"no images in reference folder {ref}")
+    by_name = {file.stem: file for file in files}
+    if names is not None and all(name in by_name for name in names):
+        return lambda index, name: load_image(by_name[name])
+    if names is not None and len(files) != len(names):
+        raise Difix3DError(
+            f"cannot pair {len(names)} input(s) with {len(files)} reference(s) in {ref}: "
+            "names do not match and counts differ"
+        )
+
+    def by_order(index: int, name: str) -> np.ndarray:
+        if index >= len(files):
+            raise Difix3DError(f"{ref} has {len(files)} references, fewer than the input frames")
+        return load_image(files[index])
+
+    return by_order

@@ -1,0 +1,242 @@
+"""The Difix network on the tiny architecture: one-step formula, multi-view attention, inference
+API, saving/loading (difix3d folder, diffusers folder, release .pkl, hub errors), gradients."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from difix3d.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_difix, save_release_checkpoint
+from difix3d.errors import Difix3DError
+from difix3d.model import Difix, DifixConfig, skip_channels
+from difix3d.pipeline import DifixPipeline
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run fastest on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def difix(one_thread) -> Difix:
+    return Difix.from_config("tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def trained(difix: Difix) -> Difix:
+    """The tiny model with every trainable weight moved away from its initialisation."""
+    model = copy.deepcopy(difix)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return model
+
+
+def _images(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_one_step_equals_ddpm_scheduler_at_t199(difix: Difix) -> None:
+    config = difix.config
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = difix.denoise(latents, num_views=1)
+        eps = difix.unet(latents, 199, encoder_hidden_states=difix.prompt_embeds.expand(2, -1, -1)).sample
+    scheduler = DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+    )
+    scheduler.set_timesteps(timesteps=[199])  # one inference step, at t=199
+    reference = scheduler.step(eps, 199, latents, generator=torch.Generator().manual_seed(0)).prev_sample
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)  # the scheduler adds noise of std 1e-10
+
+
+def test_single_view_processor_equals_default(difix: Difix) -> None:
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    default = copy.deepcopy(difix)
+    default.unet.set_attn_processor(AttnProcessor2_0())
+    with torch.no_grad():
+        assert torch.equal(difix.denoise(latents, 1), default.denoise(latents, 1))
+        # With two views, the views now see each other.
+        assert not torch.allclose(difix.denoise(latents, 2), default.denoise(latents, 1))
+
+
+def test_reference_changes_target_and_order_does_not_matter(trained: Difix) -> None:
+    image, ref_a, ref_b = _images(3, 3, 32, 32).unbind(0)
+    alone = trained.fix(image[None])
+    with_a = trained.fix(image[None], ref_a[None])
+    assert (alone - with_a).abs().max() > 1e-3
+    both = trained.fix(image[None], torch.stack([ref_a, ref_b])[None])
+    swapped = trained.fix(image[None], torch.stack([ref_b, ref_a])[None])
+    torch.testing.assert_close(both, swapped, atol=1e-5, rtol=0)
+    twice = trained.fix(image[None], torch.stack([ref_a, ref_a])[None])
+    assert (twice - with_a).abs().max() > 0  # a second copy of the same reference changes attention weights
+
+
+def test_skip_connections_follow_vae_channels(difix: Difix) -> None:
+    assert skip_channels(difix.vae) == [(32, 32), (32, 32), (16, 32), (16, 32)]
+    assert len(difix.skip_convs()) == 4
+    for conv in difix.skip_convs():
+        assert torch.all(conv.get_base_layer().weight == 1e-5)
+    lora_layer = difix.vae.decoder.conv_in
+    assert lora_layer.scaling["vae_skip"] == 2.0  # lora_alpha 8 / rank 4, as peft computes it
+
+
+def test_odd_sizes_types_and_batches(trained: Difix) -> None:
+    batch = _images(3, 3, 77, 45)
+    fixed = trained.fix(batch, batch_size=2)
+    assert fixed.shape == (3, 3, 77, 45) and fixed.dtype == torch.float32
+    torch.testing.assert_close(fixed, trained.fix(batch, batch_size=3), atol=1e-5, rtol=0)
+    single = trained.fix(batch[0])
+    assert single.shape == (3, 77, 45)
+    array = (batch[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    fixed_array = trained.fix(array)
+    assert fixed_array.shape == (77, 45, 3) and fixed_array.dtype == np.uint8
+    fixed_pil = trained.fix(Image.fromarray(array), refs=Image.fromarray(array[:40]))
+    assert isinstance(fixed_pil, Image.Image) and fixed_pil.size == (45, 77)
+    as_bf16 = copy.deepcopy(trained).to(torch.bfloat16).fix(batch[:1])
+    assert as_bf16.dtype == torch.float32 and (as_bf16 - fixed[:1]).abs().mean() < 0.05
+
+
+def test_gradients_reach_unet_lora_and_skips_not_encoder(trained: Difix) -> None:
+    model = copy.deepcopy(trained).train()
+    model.enable_gradient_checkpointing()
+    views = _images(1, 2, 3, 32, 32) * 2 - 1
+    model(views).square().mean().backward()
+
+    def has_gradient(parameters) -> bool:
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in parameters)
+
+    vae = dict(model.vae.named_parameters())
+    assert has_gradient(model.unet.parameters())
+    assert has_gradient(p for n, p in vae.items() if "lora_B" in n)
+    assert has_gradient(p for n, p in vae.items() if "skip_conv" in n and "base_layer" in n)
+    assert all(p.grad is None for n, p in vae.items() if n.startswith("encoder."))
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_save_and_load_are_bit_exact(trained: Difix, tmp_path) -> None:
+    trained.save_pretrained(tmp_path / "model")
+    loaded = load_difix(tmp_path / "model")
+    original = trained.state_dict()
+    assert original.keys() == loaded.state_dict().keys()
+    assert all(torch.equal(original[key], value) for key, value in loaded.state_dict().items())
+    image = _images(1, 3, 32, 32)
+    assert torch.equal(trained.fix(image), loaded.fix(image))
+
+
+def test_release_checkpoint_loads_back_identically(difix: Difix, trained: Difix, tmp_path) -> None:
+    difix.save_pretrained(tmp_path / "base")  # shares the frozen VAE weights with `trained`
+    save_release_checkpoint(trained, tmp_path / "model_10.pkl")
+    release = torch.load(tmp_path / "model_10.pkl", weights_only=True)
+    assert "decoder.conv_in.lora_A.vae_skip.weight" in release["state_dict_vae"]
+    assert "decoder.skip_conv_1.base_layer.weight" in release["state_dict_vae"]
+    loaded = load_difix(tmp_path / "model_10.pkl", base=tmp_path / "base")
+    image, ref = _images(2, 3, 32, 32)
+    assert torch.equal(trained.fix(image[None], ref[None]), loaded.fix(image[None], ref[None]))
+
+
+def _write_diffusers_folder(difix: Difix, folder, vae_state: dict) -> None:
+    """An SD-Turbo-like pipeline folder: unet/, vae/, a tiny CLIP text_encoder/ and tokenizer/."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    difix.unet.save_pretrained(folder / "unet")
+    (folder / "vae").mkdir(parents=True)
+    (folder / "vae" / "config.json").write_text(json.dumps(dict(difix.vae.config)))
+    save_file({k: v.contiguous() for k, v in vae_state.items()}, folder / "vae" / "diffusion_pytorch_model.safetensors")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in "abcdefghijklmnopqrstuvwxyz":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, max_position_embeddings=77,
+    )
+    CLIPTextModel(text_config).save_pretrained(folder / "text_encoder")
+
+
+def test_diffusers_folders_plain_base_and_peft_wrapped_vae(difix: Difix, trained: Difix, tmp_path) -> None:
+    vae_state = trained.vae.state_dict()
+    # Plain SD-Turbo layout: no adapters, LoRA-wrapped layers under their plain names.
+    plain = {k.replace(".base_layer", ""): v for k, v in vae_state.items() if "lora_" not in k and "skip_conv" not in k}
+    _write_diffusers_folder(trained, tmp_path / "sd-turbo", plain)
+    base = load_difix(tmp_path / "sd-turbo")
+    assert base.prompt_embeds.shape == (1, 77, 32)
+    assert torch.equal(base.vae.decoder.conv_in.base_layer.weight, trained.vae.decoder.conv_in.base_layer.weight)
+    assert torch.all(base.vae.decoder.conv_in.lora_B["vae_skip"].weight == 0)
+    assert torch.all(base.skip_convs()[0].base_layer.weight == 1e-5)
+    # Hub Difix layout: peft-wrapped decoder under another adapter name.
+    wrapped = {k.replace("vae_skip", "default"): v for k, v in vae_state.items()}
+    _write_diffusers_folder(trained, tmp_path / "difix", wrapped)
+    released = load_difix(tmp_path / "difix")
+    released.prompt_embeds.copy_(trained.prompt_embeds)  # the tiny text encoder gives its own prompt
+    image = _images(1, 3, 32, 32)
+    assert torch.equal(released.fix(image), trained.fix(image))
+
+
+def test_offline_hub_id_gives_one_clear_error(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(Difix3DError) as error:
+        load_difix("nvidia/difix_ref")
+    message = str(error.value)
+    assert "nvidia/difix_ref" in message and "HF_HUB_OFFLINE" in message and "--model DIR" in message
+    assert "\n" not in message
+    with pytest.raises(Difix3DError, match="no Difix model"):
+        load_difix(str(tmp_path / "missing" / "model"))
+
+
+def test_mismatched_checkpoint_lists_the_problems(trained: Difix, tmp_path) -> None:
+    trained.save_pretrained(tmp_path / "model")
+    state = load_file(tmp_path / "model" / WEIGHTS_FILE)
+    del state["unet.conv_in.bias"]
+    state["unet.conv_out.weight"] = torch.zeros(4, 16, 3, 3)
+    state["unet.extra.weight"] = torch.zeros(1)
+    save_file(state, tmp_path / "model" / WEIGHTS_FILE)
+    with pytest.raises(Difix3DError) as error:
+        load_difix(tmp_path / "model")
+    message = str(error.value)
+    assert "missing (1): unet.conv_in.bias" in message
+    assert "unexpected (1): unet.extra.weight" in message
+    assert "unet.conv_out.weight [4, 16, 3, 3] != [4, 32, 3, 3]" in message
+    config = json.loads((tmp_path / "model" / CONFIG_FILE).read_text())
+    config["lora_target_modules"] = ["decoder.no_such_layer"]
+    (tmp_path / "model" / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(Difix3DError, match="cannot build a Difix"):
+        load_difix(tmp_path / "model")
+
+
+def test_random_weights_only_by_name() -> None:
+    with pytest.raises(Difix3DError, match="unknown Difix architecture"):
+        DifixConfig.named("sd-turbo-xl")
+    assert DifixConfig.named("sd-turbo").vae["block_out_channels"] == [128, 256, 512, 512]
+
+
+def test_pipeline_call_shape(trained: Difix) -> None:
+    pipe = DifixPipeline(trained)
+    image = Image.fromarray((_images(24, 40, 3).numpy() * 255).astype(np.uint8))
+    result = pipe("remove degradation", image=image, ref_image=image, num_inference_steps=1, timesteps=[199], guidance_scale=0.0)
+    assert len(result.images) == 1 and result.images[0].size == (40, 24)
+    with pytest.raises(Difix3DError, match="single-step"):
+        pipe(image=image, num_inference_steps=4)
