@@ -372,7 +372,8 @@ class DifixTrainer:
         self._batches = iter(self.loader)
         if resume_from is not None:
             _restore_rng(resume_from / f"rng_{self.accelerator.process_index}.pt", self.device)
-        self.lpips_metric = LPIPSMetric("vgg", config.vgg16_weights, self.device) if self._is_main else None
+        evaluates = self._is_main and config.eval_every > 0 and self.splits["test"]
+        self.lpips_metric = LPIPSMetric("vgg", config.vgg16_weights, self.device) if evaluates else None
         self.writer = self._tensorboard_writer()
 
     @property
@@ -408,25 +409,27 @@ class DifixTrainer:
     def run(self) -> TrainResult:
         """Train up to `config.steps`, checkpointing and evaluating on schedule; save the final model."""
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         config = self.config
         result = TrainResult(first_step=self.step + 1, losses=[], final_step=self.step)
         progress = tqdm(
             total=config.steps, initial=self.step, desc="difix3d train", unit="step", disable=not self._is_main, dynamic_ncols=True
         )
-        while self.step < config.steps:
-            terms = self.train_step()
-            loss = float(terms.total)
-            if not math.isfinite(loss):
-                raise Difix3DError(f"training diverged: loss {loss} at step {self.step} (try a lower --learning-rate)")
-            result.losses.append(loss)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}")
-            last = self.step == config.steps
-            if config.eval_every and (self.step % config.eval_every == 0 or last):
-                result.evaluations.append(self.evaluate())
-            if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or last:
-                self.save_checkpoint()
+        with logging_redirect_tqdm():  # log lines above the bar, not through it
+            while self.step < config.steps:
+                terms = self.train_step()
+                loss = float(terms.total)
+                if not math.isfinite(loss):
+                    raise Difix3DError(f"training diverged: loss {loss} at step {self.step} (try a lower --learning-rate)")
+                result.losses.append(loss)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}")
+                last = self.step == config.steps
+                if config.eval_every and (self.step % config.eval_every == 0 or last):
+                    result.evaluations.append(self.evaluate())
+                if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or last:
+                    self.save_checkpoint()
         progress.close()
         result.final_step = self.step
         self.save_model(result)
