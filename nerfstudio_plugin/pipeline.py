@@ -65,6 +65,7 @@ class Difix3DPipeline(VanillaPipeline):
         super().__init__(config, device, *args, **kwargs)
         self.training_poses = self.datamanager.train_dataset.cameras.camera_to_worlds.float().cpu()
         self.updater: Optional[ProgressiveUpdater] = None
+        self.trainer = None  # set when training starts (get_training_callbacks)
         self._saved_progress: Optional[dict] = None
         # Loaded (and so checked) before step 0: a bad id fails in seconds, not after an hour.
         # A plain attribute, not a submodule: Difix stays out of the 3DGS checkpoints and of `.to()`.
@@ -115,6 +116,7 @@ class Difix3DPipeline(VanillaPipeline):
         if self.difix is None:
             return callbacks
         assert attributes.trainer is not None
+        self.trainer = attributes.trainer
         self._start_updater(attributes.trainer.base_dir / "difix3d")
         callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], self.fix_round_if_due))
         return callbacks
@@ -153,6 +155,8 @@ class Difix3DPipeline(VanillaPipeline):
         references = self.reference_images(plan.reference_indices)
         fixed = self.run_difix(renders, references.to(renders.device))
         self.updater.record_round(plan, renders, accumulations, fixed, references)
+        # A round costs one Difix pass per target: checkpoint now so a resumed run never repeats it.
+        self.trainer.save_checkpoint(step)
         CONSOLE.log(
             f"Difix3D round {plan.round_index} at step {step}: {len(plan.poses)} pseudo views, "
             f"{int(plan.snapped.sum())} on target, mean distance to target {plan.distances.mean():.3f}"
