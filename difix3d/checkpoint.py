@@ -246,8 +246,11 @@ def encode_prompt(folder: Path, prompt: str) -> torch.Tensor:
 
     if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
         raise Difix3DError(f"{folder} has no text_encoder/ and tokenizer/ to encode the prompt {prompt!r}")
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+    except (OSError, ValueError) as error:
+        raise Difix3DError(f"cannot load the CLIP tokenizer/text encoder of {folder}: {error}") from None
     tokens = tokenizer(
         prompt, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
     ).input_ids
