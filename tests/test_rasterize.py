@@ -12,6 +12,16 @@ from difix3d.rasterize import rasterization
 TILE = 16
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """These scenes are tiny: threads only add synchronisation, which on a loaded 2-core machine
+    made a 32x32 training step 20x slower. Restored afterwards for the rest of the session."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- independent dense reference
 
 
@@ -272,6 +282,15 @@ def test_packed_layout_matches_unpacked():
     assert torch.equal(info["radii"], dense[2]["radii"][dense[2]["radii"] > 0])
 
 
+def test_covars_match_quats_and_scales():
+    scene = random_scene(30, seed=6)
+    rotation = quat_to_matrix(scene["quats"])
+    covars = rotation @ torch.diag_embed(scene["scales"] ** 2) @ rotation.transpose(1, 2)
+    expected = rasterization(**scene)[0]
+    got = rasterization(**dict(scene, quats=None, scales=None), covars=covars)[0]
+    torch.testing.assert_close(got, expected)
+
+
 def test_bad_inputs_raise_difix3d_error():
     scene = random_scene(5, seed=0)
     with pytest.raises(Difix3DError, match="render_mode"):
@@ -291,9 +310,17 @@ def no_gsplat_cuda(monkeypatch):
     monkeypatch.setitem(sys.modules, "gsplat.cuda._backend", None)
 
 
-def test_splatfacto_call_and_default_strategy_refine(no_gsplat_cuda):
+def test_splatfacto_call_and_default_strategy_refine(no_gsplat_cuda, monkeypatch):
     """nerfstudio 1.1.5 Splatfacto's exact rasterization call, then gsplat's DefaultStrategy refining."""
-    from gsplat.strategy import DefaultStrategy
+    from gsplat.strategy import DefaultStrategy, default
+
+    refined = {"duplicate": 0, "split": 0, "remove": 0}
+    for op in refined:
+        def counting(*args, _op=op, _original=getattr(default, op), **kwargs):
+            refined[_op] += int(kwargs["mask"].sum())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(default, op, counting)
 
     torch.manual_seed(0)
     n, width, height = 300, 32, 24
@@ -349,9 +376,8 @@ def test_splatfacto_call_and_default_strategy_refine(no_gsplat_cuda):
             opt.step()
             opt.zero_grad()
         counts.append(len(params["means"]))
-    assert counts[3] > counts[0]  # duplicates and splits at step 3
-    grew_by = counts[3] - counts[2]
-    assert grew_by < 2 * n  # ... and the transparent ones were pruned
+    assert all(refined.values()), refined  # duplicated, split and pruned
+    assert counts[-1] == n + refined["duplicate"] + refined["split"] - refined["remove"]
     assert torch.isfinite(params["means"]).all()
 
 
@@ -380,7 +406,7 @@ def test_fit_procedural_image_reaches_25db():
     optim = torch.optim.Adam([{"params": [params[k]], "lr": lr} for k, lr in lrs.items()])
     viewmat = torch.eye(4)[None]
     K = torch.tensor([[focal, 0, size / 2], [0, focal, size / 2], [0, 0, 1]])[None]
-    for _ in range(300):
+    for _ in range(200):
         image, _, _ = rasterization(
             params["means"], params["quats"], torch.exp(params["log_scales"]),
             torch.sigmoid(params["opacity_logits"]), params["colors"], viewmat, K, size, size,
@@ -390,6 +416,7 @@ def test_fit_procedural_image_reaches_25db():
         loss.backward()
         optim.step()
     psnr = -10 * math.log10(loss.item())
+    print(f"fit PSNR {psnr:.2f} dB")
     assert psnr > 25, psnr
 
 
