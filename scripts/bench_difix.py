@@ -6,7 +6,7 @@ Random weights (`Difix.from_config`), which time the same as trained ones. The t
 the naive path is built from config too (SD 2.1's for sd-turbo, a tiny CLIP for tiny) and fed
 fixed token ids (tokenizing a two-word prompt costs microseconds).
 
-    python scripts/bench_difix.py --device cpu              # tiny + sd-turbo at 256x256
+    python scripts/bench_difix.py --device cpu              # tiny at 256x256, sd-turbo at 128x128
     python scripts/bench_difix.py --device cuda             # sd-turbo at 576x1024 and 1080x1920
 """
 
@@ -34,6 +34,13 @@ _TEXT_ENCODERS = {
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=1000,
                  bos_token_id=0, eos_token_id=1, pad_token_id=1),
 }
+# (on CUDA, model) -> sizes; CPU sizes keep `--device cpu` to a few minutes on a small machine.
+_DEFAULT_SIZES = {
+    (False, "tiny"): ("256x256",),
+    (False, "sd-turbo"): ("128x128",),
+    (True, "tiny"): ("576x1024",),
+    (True, "sd-turbo"): ("576x1024", "1080x1920"),
+}
 # Targets from the issue: sd-turbo on an H100, bfloat16, one reference.
 _CUDA_TARGETS_MS = {(576, 1024): 35.0, (1080, 1920): 150.0}
 
@@ -43,7 +50,7 @@ class Args:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     models: tuple[str, ...] = ("tiny", "sd-turbo")
     skip_sd_turbo: bool = False  # CPU only: leave out the 1B-parameter model
-    sizes: tuple[str, ...] = ()  # "HxW"; default 256x256 on CPU, 576x1024 and 1080x1920 on CUDA
+    sizes: tuple[str, ...] = ()  # "HxW"; default per model and device (_DEFAULT_SIZES)
     dtypes: tuple[str, ...] = ()  # default float32 on CPU, bfloat16 and float16 on CUDA
     refs: tuple[int, ...] = (0, 1)
     warmup: int = 1
@@ -97,25 +104,28 @@ def _naive_fix(difix: Difix, text_encoder: CLIPTextModel, token_ids: torch.Tenso
     return decoded.unflatten(0, (batch, num_views))[:, 0]
 
 
-def _time(function, device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
-    """(median milliseconds, peak memory MiB) of `function()`."""
-    for _ in range(warmup):
-        function()
-    times = []
-    with _PeakMemory(device) as memory:
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
+def _measure(functions: dict, device: torch.device, warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """name -> (median milliseconds, peak memory MiB) of each `function()`. The functions run in
+    turn, repeat after repeat, so a busy machine slows all of them alike."""
+    for function in functions.values():
+        for _ in range(warmup):
             function()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times), memory.peak_mb
+    times = {name: [] for name in functions}
+    peaks = dict.fromkeys(functions, 0.0)
+    for _ in range(repeats):
+        for name, function in functions.items():
+            with _PeakMemory(device) as memory:
+                start = time.perf_counter()
+                function()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[name].append((time.perf_counter() - start) * 1000)
+            peaks[name] = max(peaks[name], memory.peak_mb)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in functions}
 
 
 def _bench_model(name: str, args: Args, device: torch.device) -> list[dict]:
-    sizes = args.sizes or (("256x256",) if device.type == "cpu" else ("576x1024", "1080x1920"))
+    sizes = args.sizes or _DEFAULT_SIZES[device.type == "cuda", name]
     dtypes = args.dtypes or (("float32",) if device.type == "cpu" else ("bfloat16", "float16"))
     difix = Difix.from_config(name).eval().to(device)
     text_encoder = CLIPTextModel(CLIPTextConfig(**_TEXT_ENCODERS[name], max_position_embeddings=77)).eval().to(device)
@@ -132,17 +142,18 @@ def _bench_model(name: str, args: Args, device: torch.device) -> list[dict]:
             for num_refs in args.refs:
                 views = torch.rand(1, 1 + num_refs, 3, height, width, device=device)
                 image, refs = views[:, 0], (views[:, 1:] if num_refs else None)
+                scaled = (views * 2 - 1).to(dtype)
+                functions = {"ours": lambda: difix.fix(image, refs)}
+                if args.naive:
+                    functions["naive"] = lambda: _naive_fix(difix, text_encoder, token_ids, scaled)
                 with torch.inference_mode():
-                    ours_ms, ours_mb = _time(lambda: difix.fix(image, refs), device, args.warmup, args.repeats)
-                    row = dict(model=name, dtype=dtype_name, height=height, width=width, refs=num_refs,
-                               ours_ms=round(ours_ms, 2), ours_peak_mb=round(ours_mb, 1))
-                    if args.naive:
-                        scaled = (views * 2 - 1).to(dtype)
-                        naive_ms, naive_mb = _time(
-                            lambda: _naive_fix(difix, text_encoder, token_ids, scaled), device, args.warmup, args.repeats
-                        )
-                        row.update(naive_ms=round(naive_ms, 2), naive_peak_mb=round(naive_mb, 1),
-                                   naive_over_ours=round(naive_ms / ours_ms, 3))
+                    measured = _measure(functions, device, args.warmup, args.repeats)
+                ours_ms = measured["ours"][0]
+                row = dict(model=name, dtype=dtype_name, height=height, width=width, refs=num_refs)
+                for path, (milliseconds, peak_mb) in measured.items():
+                    row.update({f"{path}_ms": round(milliseconds, 2), f"{path}_peak_mb": round(peak_mb, 1)})
+                if args.naive:
+                    row["naive_over_ours"] = round(measured["naive"][0] / ours_ms, 3)
                 target = _CUDA_TARGETS_MS.get((height, width))
                 if device.type == "cuda" and name == "sd-turbo" and dtype_name == "bfloat16" and num_refs == 1 and target:
                     row.update(target_ms=target, meets_target=ours_ms <= target)
