@@ -25,6 +25,7 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from difix3d.errors import Difix3DError
 
@@ -114,11 +115,6 @@ class SceneLayout:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-    @property
-    def extent(self) -> float:
-        """Diagonal of the room, a scale for tolerances."""
-        return math.sqrt(2 * (2 * self.room_half_size) ** 2 + self.room_height**2)
 
 
 def _random_layout(seed: int) -> SceneLayout:
@@ -256,10 +252,21 @@ class ProceduralScene:
         """
         pose = torch.as_tensor(np.asarray(camera_to_world, dtype=np.float64)[:3], dtype=torch.float64)
         rotation, origin = pose[:, :3], pose[:, 3].float()
-        rgb = self._render_rgb(rotation, origin, intrinsics, supersample)
-        _, depth_t, _ = self._trace(origin, self._ray_directions(rotation, intrinsics, 1).reshape(-1, 3))
-        depth = depth_t.reshape(intrinsics.height, intrinsics.width)
-        return Render(rgb.numpy(), depth.float().numpy())
+        if supersample < 1:
+            raise Difix3DError(f"supersample must be at least 1, got {supersample}")
+        half, top = self.layout.room_half_size, self.layout.room_height
+        if not (abs(origin[0]) < half and abs(origin[1]) < half and 0 < origin[2] < top):
+            raise Difix3DError(f"camera centre {origin.tolist()} is outside the room (|x|, |y| < {half}, 0 < z < {top})")
+        # Many small element-wise ops: intra-op threads gain little here and, on a machine whose
+        # cores are busy, cost up to 10x in waiting. The setting is restored afterwards.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            rgb = self._render_rgb(rotation, origin, intrinsics, supersample)
+            _, depth, _ = self._trace(origin, self._ray_directions(rotation, intrinsics, 1).reshape(-1, 3))
+        finally:
+            torch.set_num_threads(threads)
+        return Render(rgb.numpy(), depth.reshape(intrinsics.height, intrinsics.width).numpy())
 
     @staticmethod
     def _ray_directions(rotation: torch.Tensor, intrinsics: Intrinsics, supersample: int) -> torch.Tensor:
@@ -583,8 +590,6 @@ def build_scene(
         (staging / "images").mkdir()
         sfm_images = staging / "sfm_images"
         sfm_images.mkdir()
-        from tqdm import tqdm
-
         for frame in tqdm(frames, desc="Rendering views", unit="view", leave=False):
             # SfM sees 2x renders; the training image is their 2x2 box average (= a 1x render).
             big = scene.render(frame.camera_to_world, sfm_intrinsics, supersample=2).rgb

@@ -201,3 +201,9 @@ def test_unregistered_images_are_named_and_nothing_is_replaced(tmp_path, monkeyp
         build_scene(out, seed=0, num_train=6, num_eval=2, overwrite=True, log=_quiet)
     assert _names(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "previous scene"
     assert _names(tmp_path) == ["scene"]  # no staging folder left behind
+
+
+def test_render_refuses_a_camera_outside_the_room():
+    scene = ProceduralScene.from_seed(0)
+    with pytest.raises(Difix3DError, match="outside the room"):
+        scene.render(look_at(np.array([9.0, 0.0, 1.0]), np.zeros(3)), Intrinsics.default(32, 24))
