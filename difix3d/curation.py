@@ -1,0 +1,657 @@
+"""Training pairs for Difix from your own COLMAP scenes: `difix3d curate`.
+
+Each strategy reconstructs a scene with the `difix3d-gs` nerfstudio method (Difix off, i.e. plain
+Splatfacto) in a way that degrades it, renders views whose clean photographs exist, and pairs each
+render (input) with its photograph (target) and the nearest clean view the degraded model saw, by
+`difix3d.poses.pose_distance` (reference; never the target itself):
+
+- `sparse`: train on every n-th view (sorted by name), render the held-out views; reference: the
+  nearest training view.
+- `underfit`: train on all views, render all of them from the checkpoints at fractions of the
+  schedule (25%, 50%, 75% by default); reference: the nearest other view.
+- `cross`: split the cameras into groups (by COLMAP camera id when the model has several cameras,
+  else k-means on camera centres), train on the largest group, render the others; reference: the
+  nearest view of the training group.
+- `cycle`: train on all views, render each pose shifted sideways (alternately right and left, by a
+  multiple of the median distance between neighbouring cameras, since COLMAP's scale is arbitrary),
+  train a second model on those renders alone, render the original poses; reference: the nearest
+  other original view.
+
+nerfstudio runs as subprocesses (`ns-train`, `ns-render` next to the running Python), each on a
+derived scene folder: `images/` links to the photographs (plus, for `cycle`, the shifted views),
+`sparse/0` is the scene's reconstruction (for `sparse` and `cross` keeping only the 3D points seen by
+two or more training views, so held-out views add no geometry; for `cycle` with the shifted views
+added as extra images), and `train_list.txt` / `val_list.txt` / `test_list.txt` choose the views
+nerfstudio trains on and renders.
+
+Output folder OUT: `OUT/<scene>/images/` (copies of the targets and references used),
+`OUT/<scene>/<strategy>/<variant>/<view>.png` (renders), `OUT/<scene>/<strategy>.json` (that
+strategy's pairs and parameters: written when the strategy has finished, so a rerun skips it; a
+scene is done when all selected strategies are) and `OUT/dataset.json`, the dataset for
+`difix3d train`, rebuilt atomically from every strategy manifest in OUT at the end of each run.
+Its pairs carry extra keys: scene, strategy, variant, step (the nerfstudio step of the checkpoint
+that rendered the input), view, ref_view and the OpenCV camera-to-world poses (COLMAP frame) of the
+target (`pose`) and reference (`ref_pose`), plus `shifted_pose` for `cycle`.
+Test split rule: a target view goes to "test" when a stable hash of "<scene>/<view>" falls below
+`test_fraction`, so all pairs of a view share a split whatever the scene set or sharding.
+With `--shard i/n` (job arrays), the shards write different scenes; run once more without
+`--shard` afterwards (everything is skipped) to rebuild `dataset.json` from all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import pycolmap
+import torch
+import tyro
+from tqdm.auto import tqdm
+
+from difix3d.errors import Difix3DError
+from difix3d.poses import pairwise_pose_distance
+from difix3d.progressive import atomic_write_bytes
+from difix3d.sfm import camera_to_world
+
+Strategy = Literal["sparse", "underfit", "cross", "cycle"]
+DATASET_FILE = "dataset.json"
+PROMPT = "remove degradation"
+_LOG_TAIL_CHARS = 2000
+_NEVER = 1_000_000_000  # an evaluation interval nerfstudio never reaches
+
+
+@dataclass
+class CurateConfig:
+    """Settings of `difix3d curate`."""
+
+    scene: Annotated[list[Path], tyro.conf.UseAppendAction]
+    """COLMAP scene folder with images/ and sparse/0 (repeat --scene for several)."""
+    out: Path
+    """Output folder: renders, copies of targets and references, manifests and dataset.json."""
+    strategies: tuple[Strategy, ...] = ("sparse", "underfit", "cross", "cycle")
+    """Degradations to curate."""
+    steps: int = 30_000
+    """Training steps of a full reconstruction (the "normal schedule")."""
+    sparse_every: int = 4
+    """sparse: train on every n-th view, render the others."""
+    underfit_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    """underfit: render the checkpoints at these fractions of --steps."""
+    cross_group_by: Literal["auto", "camera", "kmeans"] = "auto"
+    """cross: group views by COLMAP camera id, by k-means on camera centres, or "auto" (camera id
+    when the model has several cameras, else k-means)."""
+    cross_groups: int = 2
+    """cross: number of k-means groups."""
+    cycle_shift: float = 1.0
+    """cycle: sideways shift, in median distances between neighbouring cameras."""
+    test_fraction: float = 0.1
+    """Fraction of target views (by a stable hash) whose pairs go to the test split."""
+    shard: str | None = None
+    """"i/n": process only scenes i, i+n, i+2n, ... (0-based), e.g. one job of an array of n."""
+    overwrite: bool = False
+    """Redo the selected strategies of the selected scenes even when finished."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """nerfstudio's device ("auto": CUDA when available)."""
+    downscale_factor: int = 1
+    """Train and render at 1/f resolution; f > 1 needs the scene's images_<f>/ folder."""
+    keep_work: bool = False
+    """Keep the derived scenes and nerfstudio runs (OUT/<scene>/work/) after a strategy finishes."""
+
+
+@dataclass(frozen=True)
+class SceneViews:
+    """The registered views of a COLMAP scene, sorted by image name."""
+
+    root: Path
+    names: list[str]
+    poses: np.ndarray  # [N, 4, 4] OpenCV camera-to-world, COLMAP frame
+    camera_ids: list[int]
+
+    @property
+    def id(self) -> str:
+        return self.root.name
+
+    def image_path(self, name: str) -> Path:
+        return self.root / "images" / name
+
+    def index(self, names: Sequence[str]) -> list[int]:
+        position = {name: i for i, name in enumerate(self.names)}
+        return [position[name] for name in names]
+
+
+@dataclass
+class Render:
+    """One degraded render of a clean view, before it becomes a pair."""
+
+    view: str
+    path: Path
+    step: int
+    variant: str
+    references: list[str]  # the clean views it may take its reference from
+    shifted_pose: list | None = None
+
+
+@dataclass
+class CurateResult:
+    """What a run did."""
+
+    dataset: Path
+    curated: list[tuple[str, str]] = field(default_factory=list)  # (scene, strategy) run now
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # already finished
+    num_train: int = 0
+    num_test: int = 0
+
+
+# ------------------------------------------------------------------------------------ public API
+
+
+def curate(config: CurateConfig) -> CurateResult:
+    """Curate the scenes of `config` (this shard's), then rebuild OUT/dataset.json from all manifests."""
+    _check_config(config)
+    shard_index, num_shards = parse_shard(config.shard)
+    scene_dirs = [Path(path) for path in config.scene][shard_index::num_shards]
+    scenes = [load_scene(path) for path in scene_dirs]
+    names = [scene.id for scene in scenes]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise Difix3DError(f"scene IDs are folder names and must be unique; repeated: {', '.join(duplicated)}")
+
+    out = Path(config.out)
+    result = CurateResult(dataset=out / DATASET_FILE)
+    jobs = [(scene, strategy) for scene in scenes for strategy in dict.fromkeys(config.strategies)]
+    progress = tqdm(jobs, desc="curate", unit="strategy", dynamic_ncols=True)
+    for scene, strategy in progress:
+        progress.set_postfix_str(f"{scene.id}/{strategy}")
+        manifest = out / scene.id / f"{strategy}.json"
+        parameters = strategy_parameters(config, strategy)
+        if manifest.is_file() and not config.overwrite:
+            recorded = json.loads(manifest.read_text())["parameters"]
+            if recorded != parameters:
+                raise Difix3DError(
+                    f"{manifest} was curated with {recorded}, not {parameters}; pass --overwrite to redo it"
+                )
+            result.skipped.append((scene.id, strategy))
+            continue
+        work = out / scene.id / "work" / strategy
+        if work.exists():  # an interrupted attempt: start the strategy afresh
+            shutil.rmtree(work)
+        renders = _STRATEGIES[strategy](scene, work, config, _Nerfstudio(config, work))
+        pairs = make_pairs(scene, strategy, renders, out, config.test_fraction)
+        atomic_write_bytes(manifest, _dumps_rows({"parameters": parameters, "pairs": pairs}).encode())
+        if not config.keep_work:
+            shutil.rmtree(work)
+        result.curated.append((scene.id, strategy))
+    progress.close()
+
+    dataset = assemble_dataset(out)
+    result.num_train, result.num_test = len(dataset["train"]), len(dataset["test"])
+    return result
+
+
+def curate_command(config: Annotated[CurateConfig, tyro.conf.OmitArgPrefixes]) -> None:
+    """Curate (degraded render, clean target, reference) pairs from COLMAP scenes for `difix3d train`.
+
+    Reconstructs each scene with nerfstudio (`difix3d-gs`, Difix off) in degraded ways and pairs
+    renders with the photographs; see difix3d/curation.py for the strategies and the output layout.
+    """
+    result = curate(config)
+    print(
+        f"curated {len(result.curated)} scene strategies, skipped {len(result.skipped)} finished; "
+        f"{result.dataset}: {result.num_train} train / {result.num_test} test pairs"
+    )
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """"i/n" -> (i, n) with 0 <= i < n; None -> (0, 1)."""
+    if spec is None:
+        return 0, 1
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if not match or not int(match[1]) < int(match[2]):
+        raise Difix3DError(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got {spec!r}")
+    return int(match[1]), int(match[2])
+
+
+def load_scene(root: Path) -> SceneViews:
+    """The registered views of the COLMAP scene at `root` (images/ and sparse/0/)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise Difix3DError(f"scene folder not found: {root}")
+    sparse = root / "sparse" / "0"
+    if not any((sparse / f"cameras.{suffix}").is_file() for suffix in ("bin", "txt")):
+        raise Difix3DError(f"scene {root} has no COLMAP model in sparse/0 (cameras.bin or cameras.txt)")
+    reconstruction = pycolmap.Reconstruction(str(sparse))
+    images = sorted((image for image in reconstruction.images.values() if image.has_pose), key=lambda i: i.name)
+    if len(images) < 3:
+        raise Difix3DError(f"scene {root}: sparse/0 has {len(images)} registered images; curation needs at least 3")
+    missing = [image.name for image in images if not (root / "images" / image.name).is_file()]
+    if missing:
+        raise Difix3DError(f"scene {root}: {len(missing)} registered image(s) missing in images/, e.g. {missing[0]}")
+    return SceneViews(
+        root=root,
+        names=[image.name for image in images],
+        poses=np.stack([camera_to_world(image) for image in images]),
+        camera_ids=[image.camera_id for image in images],
+    )
+
+
+def strategy_parameters(config: CurateConfig, strategy: str) -> dict:
+    """The settings a strategy's result depends on (recorded in its manifest)."""
+    own = {
+        "sparse": {"sparse_every": config.sparse_every},
+        "underfit": {"underfit_fractions": list(config.underfit_fractions)},
+        "cross": {"cross_group_by": config.cross_group_by, "cross_groups": config.cross_groups},
+        "cycle": {"cycle_shift": config.cycle_shift},
+    }[strategy]
+    return {"steps": config.steps, "downscale_factor": config.downscale_factor, **own}
+
+
+# ------------------------------------------------------------------------------ view selection
+
+
+def sparse_split(names: Sequence[str], every: int) -> tuple[list[str], list[str]]:
+    """(training views, held-out views): every `every`-th of the sorted names, from the first, trains."""
+    ordered = sorted(names)
+    train = ordered[::every]
+    return train, [name for name in ordered if name not in set(train)]
+
+
+def underfit_steps(steps: int, fractions: Sequence[float]) -> list[int]:
+    """The checkpoint steps at `fractions` of a `steps`-long schedule, sorted and distinct."""
+    return sorted({max(1, round(fraction * steps)) for fraction in fractions})
+
+
+def kmeans(points: np.ndarray, k: int, iterations: int = 100) -> np.ndarray:
+    """Cluster labels [N] of `points` [N, D] by Lloyd's k-means, deterministically initialised by
+    farthest-point sampling from the point farthest from the mean."""
+    points = np.asarray(points, dtype=np.float64)
+    first = int(np.argmax(np.linalg.norm(points - points.mean(axis=0), axis=1)))
+    chosen = [first]
+    for _ in range(1, k):
+        distance = np.min(np.linalg.norm(points[:, None] - points[chosen][None], axis=-1), axis=1)
+        chosen.append(int(np.argmax(distance)))
+    centres = points[chosen]
+    labels = np.full(len(points), -1)
+    for _ in range(iterations):
+        new_labels = np.argmin(np.linalg.norm(points[:, None] - centres[None], axis=-1), axis=1)
+        if np.array_equal(new_labels, labels):
+            break
+        labels = new_labels
+        centres = np.stack([points[labels == g].mean(axis=0) if np.any(labels == g) else centres[g] for g in range(k)])
+    return labels
+
+
+def camera_groups(scene: SceneViews, group_by: str, num_groups: int) -> list[list[str]]:
+    """Views grouped by COLMAP camera id or by k-means on camera centres, largest group first."""
+    if group_by == "auto":
+        group_by = "camera" if len(set(scene.camera_ids)) > 1 else "kmeans"
+    if group_by == "camera":
+        if len(set(scene.camera_ids)) < 2:
+            raise Difix3DError(f"scene {scene.id}: --cross-group-by camera needs several COLMAP cameras, it has one")
+        labels = np.asarray(scene.camera_ids)
+    else:
+        labels = kmeans(scene.poses[:, :3, 3], num_groups)
+    groups = [[name for name, label in zip(scene.names, labels) if label == value] for value in np.unique(labels)]
+    groups = [group for group in groups if group]
+    if len(groups) < 2:
+        raise Difix3DError(f"scene {scene.id}: the cameras form a single group; nothing to cross-render")
+    return sorted(groups, key=len, reverse=True)
+
+
+def neighbour_spacing(centres: np.ndarray) -> float:
+    """Median distance from each camera centre [N, 3] to its nearest other centre."""
+    distance = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    np.fill_diagonal(distance, np.inf)
+    return float(np.median(distance.min(axis=1)))
+
+
+def shift_sideways(camera_to_world: np.ndarray, offset: float) -> np.ndarray:
+    """The OpenCV camera-to-world pose moved `offset` along its own x axis (right; left if negative)."""
+    shifted = np.array(camera_to_world, dtype=np.float64)
+    shifted[:3, 3] += offset * shifted[:3, 0]
+    return shifted
+
+
+def nearest_references(scene: SceneViews, views: Sequence[str], candidates: Sequence[str]) -> list[str]:
+    """For each view, the nearest candidate view other than itself, by the combined pose distance."""
+    candidates = list(candidates)
+    distance = pairwise_pose_distance(
+        torch.from_numpy(scene.poses[scene.index(views)]), torch.from_numpy(scene.poses[scene.index(candidates)])
+    )
+    for row, view in enumerate(views):
+        if view in candidates:
+            distance[row, candidates.index(view)] = math.inf
+    if torch.isinf(distance.min(dim=1).values).any():
+        raise Difix3DError(f"scene {scene.id}: a view has no reference view besides itself")
+    return [candidates[int(column)] for column in distance.argmin(dim=1)]
+
+
+def is_test_view(scene_id: str, view: str, fraction: float) -> bool:
+    """Whether a target view's pairs go to the test split (a stable hash of "<scene>/<view>")."""
+    digest = hashlib.blake2b(f"{scene_id}/{view}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+# --------------------------------------------------------------------------- derived scenes
+
+
+def write_derived_scene(
+    scene: SceneViews,
+    destination: Path,
+    train: Sequence[str],
+    test: Sequence[str],
+    points_from: Sequence[str] | None = None,
+    extra_views: dict[str, tuple[Path, np.ndarray]] | None = None,
+    downscale_factor: int = 1,
+) -> Path:
+    """A nerfstudio COLMAP scene that trains on `train` and renders `test` (view names).
+
+    `images/` links to the scene's photographs (copies of `extra_views` files: name -> (file,
+    OpenCV camera-to-world pose), added to the reconstruction with the first view's camera);
+    with `points_from`, only 3D points seen by at least two of those views are kept.
+    """
+    reconstruction = pycolmap.Reconstruction(str(scene.root / "sparse" / "0"))
+    if points_from is not None:
+        allowed = {reconstruction.find_image_with_name(name).image_id for name in points_from}
+        for point_id, point in list(reconstruction.points3D.items()):
+            if len({element.image_id for element in point.track.elements} & allowed) < 2:
+                reconstruction.delete_point3D(point_id)
+        if reconstruction.num_points3D() == 0:
+            raise Difix3DError(f"scene {scene.id}: no 3D point is seen by two training views; too few training views")
+
+    folders = ["images"] + ([f"images_{downscale_factor}"] if downscale_factor > 1 else [])
+    for folder in folders:
+        if not (scene.root / folder).is_dir():
+            raise Difix3DError(f"scene {scene.id}: --downscale-factor {downscale_factor} needs {scene.root / folder}")
+        for name in scene.names:
+            link = destination / folder / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((scene.root / folder / name).resolve())
+
+    camera_id = reconstruction.find_image_with_name(scene.names[0]).camera_id
+    next_id = max(reconstruction.images) + 1
+    for offset, (name, (file, pose)) in enumerate((extra_views or {}).items()):
+        for folder in folders:
+            (destination / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, destination / folder / name)
+        world_to_camera = np.linalg.inv(pose)
+        cam_from_world = pycolmap.Rigid3d(pycolmap.Rotation3d(world_to_camera[:3, :3]), world_to_camera[:3, 3])
+        image = pycolmap.Image(name=name, camera_id=camera_id, image_id=next_id + offset)
+        reconstruction.add_image_with_trivial_frame(image, cam_from_world)
+
+    sparse = destination / "sparse" / "0"
+    sparse.mkdir(parents=True)
+    reconstruction.write(str(sparse))
+    # nerfstudio's COLMAP dataparser takes its splits from these lists (val: evaluation while training).
+    for split, names in (("train", train), ("val", test), ("test", test)):
+        (destination / f"{split}_list.txt").write_text("".join(f"{name}\n" for name in names))
+    return destination
+
+
+def rendered_file(render_dir: Path, split: str, split_names: Sequence[str], name: str) -> Path:
+    """Where `ns-render dataset --rendered-output-names rgb --image-format png` writes view `name`:
+    its path relative to the common folder of the split's images, with a .png suffix."""
+    root = os.path.commonpath([f"images/{view}" for view in split_names])
+    relative = os.path.relpath(f"images/{name}", root)
+    return (render_dir / split / "rgb" / relative).with_suffix(".png")
+
+
+# -------------------------------------------------------------------------------- nerfstudio
+
+
+class _Nerfstudio:
+    """`ns-train` / `ns-render` subprocesses for one strategy; their output goes to log files."""
+
+    def __init__(self, config: CurateConfig, work: Path):
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.downscale_factor = config.downscale_factor
+        self.work = work
+        self.bin = Path(sys.executable).parent
+        for tool in ("ns-train", "ns-render"):
+            if not (self.bin / tool).exists():
+                raise Difix3DError(f"{tool} not found next to {sys.executable}; install nerfstudio in this environment")
+
+    def train(self, scene_dir: Path, name: str, iterations: int, save_every: int | None = None) -> Path:
+        """Train Splatfacto (difix3d-gs, Difix off) for `iterations` steps; returns the run folder.
+        With `save_every`, every checkpoint at a multiple of it is kept."""
+        saving = ["--steps-per-save", save_every, "--save-only-latest-checkpoint", "False"] if save_every else []
+        self._run(
+            name,
+            self.bin / "ns-train", "difix3d-gs", "--data", scene_dir, "--output-dir", self.work / "runs",
+            "--experiment-name", name, "--timestamp", "run", "--machine.device-type", self.device,
+            "--vis", "tensorboard", "--max-num-iterations", iterations,
+            "--steps-per-eval-image", _NEVER, "--steps-per-eval-all-images", _NEVER, "--steps-per-eval-batch", 0,
+            *saving,
+            "--pipeline.difix.enabled", "False", "--pipeline.model.num-downscales", 0,
+            "colmap", "--colmap-path", "sparse/0", "--downscale-factor", self.downscale_factor,
+        )  # fmt: skip
+        return self.work / "runs" / name / "difix3d-gs" / "run"
+
+    def render(self, run_dir: Path, split: str, split_names: Sequence[str], step: int | None = None) -> dict[str, Path]:
+        """Render a split of a trained run (the latest checkpoint, or `step`'s); view name -> PNG."""
+        config = run_dir / "config.yml"
+        label = "latest" if step is None else f"step{step:09d}"
+        if step is not None:
+            text, count = re.subn(r"^load_step: null$", f"load_step: {step}", config.read_text(), flags=re.MULTILINE)
+            if count != 1:
+                raise Difix3DError(f"cannot select checkpoint step {step} in {config}: no top-level 'load_step: null'")
+            config = run_dir / f"config_{label}.yml"
+            config.write_text(text)
+        output = run_dir / "renders" / label
+        self._run(
+            f"render_{run_dir.parts[-3]}_{label}",
+            self.bin / "ns-render", "dataset", "--load-config", config, "--split", split,
+            "--rendered-output-names", "rgb", "--image-format", "png", "--output-path", output,
+        )  # fmt: skip
+        files = {name: rendered_file(output, split, split_names, name) for name in split_names}
+        missing = [str(path) for path in files.values() if not path.is_file()]
+        if missing:
+            raise Difix3DError(f"ns-render wrote no {missing[0]} ({len(missing)} render(s) missing)")
+        return files
+
+    def _run(self, name: str, *command) -> None:
+        log = self.work / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as file:
+            completed = subprocess.run(
+                [str(part) for part in command],
+                stdin=subprocess.DEVNULL,  # nerfstudio would otherwise wait for answers to its prompts
+                stdout=file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
+        if completed.returncode != 0:
+            tail = log.read_text()[-_LOG_TAIL_CHARS:].strip().splitlines()
+            last = tail[-1] if tail else ""
+            raise Difix3DError(f"{Path(str(command[0])).name} failed (exit {completed.returncode}; log {log}): {last}")
+
+
+# -------------------------------------------------------------------------------- strategies
+
+
+def _sparse(scene: SceneViews, work: Path, config: CurateConfig, nerfstudio: _Nerfstudio) -> list[Render]:
+    train, held_out = sparse_split(scene.names, config.sparse_every)
+    if len(train) < 2 or not held_out:
+        raise Difix3DError(
+            f"scene {scene.id}: --sparse-every {config.sparse_every} over {len(scene.names)} views leaves "
+            f"{len(train)} training and {len(held_out)} held-out views; need at least 2 and 1"
+        )
+    data = write_derived_scene(scene, work / "scene", train, held_out, train, None, config.downscale_factor)
+    run = nerfstudio.train(data, "sparse", config.steps)
+    files = nerfstudio.render(run, "test", held_out)
+    variant = f"every{config.sparse_every}"
+    return [Render(view, files[view], config.steps - 1, variant, train) for view in held_out]
+
+
+def _underfit(scene: SceneViews, work: Path, config: CurateConfig, nerfstudio: _Nerfstudio) -> list[Render]:
+    steps = underfit_steps(config.steps, config.underfit_fractions)
+    data = write_derived_scene(scene, work / "scene", scene.names, scene.names, None, None, config.downscale_factor)
+    run = nerfstudio.train(data, "underfit", steps[-1] + 1, save_every=math.gcd(*steps))
+    renders = []
+    for step in steps:
+        files = nerfstudio.render(run, "test", scene.names, step)
+        renders += [Render(view, files[view], step, f"step{step:06d}", scene.names) for view in scene.names]
+    return renders
+
+
+def _cross(scene: SceneViews, work: Path, config: CurateConfig, nerfstudio: _Nerfstudio) -> list[Render]:
+    groups = camera_groups(scene, config.cross_group_by, config.cross_groups)
+    train, others = groups[0], sorted(name for group in groups[1:] for name in group)
+    data = write_derived_scene(scene, work / "scene", train, others, train, None, config.downscale_factor)
+    run = nerfstudio.train(data, "cross", config.steps)
+    files = nerfstudio.render(run, "test", others)
+    return [Render(view, files[view], config.steps - 1, f"groups{len(groups)}", train) for view in others]
+
+
+def _cycle(scene: SceneViews, work: Path, config: CurateConfig, nerfstudio: _Nerfstudio) -> list[Render]:
+    offset = config.cycle_shift * neighbour_spacing(scene.poses[:, :3, 3])
+    shifted = {
+        name: shift_sideways(pose, offset if number % 2 == 0 else -offset)
+        for number, (name, pose) in enumerate(zip(scene.names, scene.poses))
+    }
+    shifted_names = {name: _shifted_name(name) for name in scene.names}
+
+    # First model: the originals; its "test" views are the shifted poses (placeholder photographs,
+    # never read as targets).
+    folder = scene.root / ("images" if config.downscale_factor == 1 else f"images_{config.downscale_factor}")
+    placeholders = {shifted_names[name]: (folder / name, shifted[name]) for name in scene.names}
+    first_data = write_derived_scene(
+        scene, work / "scene_first", scene.names, list(placeholders), None, placeholders, config.downscale_factor
+    )
+    first = nerfstudio.train(first_data, "cycle_first", config.steps)
+    shifted_renders = nerfstudio.render(first, "test", list(placeholders))
+
+    # Second model: the shifted renders alone; renders the original poses.
+    renders_as_views = {shifted_names[name]: (shifted_renders[shifted_names[name]], shifted[name]) for name in scene.names}
+    second_data = write_derived_scene(
+        scene, work / "scene_second", list(renders_as_views), scene.names, None, renders_as_views, config.downscale_factor
+    )
+    second = nerfstudio.train(second_data, "cycle_second", config.steps)
+    files = nerfstudio.render(second, "test", scene.names)
+    variant = f"shift{config.cycle_shift:g}"
+    return [
+        Render(view, files[view], config.steps - 1, variant, scene.names, _pose_list(shifted[view]))
+        for view in scene.names
+    ]
+
+
+def _shifted_name(name: str) -> str:
+    # Split lists match by exact name, so the shifted views need names of their own; nerfstudio's
+    # renders are PNG whatever the photographs' format.
+    return str(Path(name).with_name(f"cycle_shifted_{Path(name).stem}.png"))
+
+
+_STRATEGIES = {"sparse": _sparse, "underfit": _underfit, "cross": _cross, "cycle": _cycle}
+
+
+# ---------------------------------------------------------------------------- pairs and dataset
+
+
+def make_pairs(scene: SceneViews, strategy: str, renders: list[Render], out: Path, test_fraction: float) -> list[dict]:
+    """Move renders into OUT/<scene>/<strategy>/<variant>/, copy targets and references into
+    OUT/<scene>/images/, and describe each pair (paths relative to OUT)."""
+    reference_of: dict[tuple, str] = {}
+    for pool in {tuple(render.references) for render in renders}:
+        views = sorted({render.view for render in renders if tuple(render.references) == pool})
+        reference_of.update({(pool, view): ref for view, ref in zip(views, nearest_references(scene, views, pool))})
+
+    pairs = []
+    for render in renders:
+        reference = reference_of[tuple(render.references), render.view]
+        image = out / scene.id / strategy / render.variant / Path(render.view).with_suffix(".png")
+        image.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(render.path, image)
+        target, ref = (_copy_clean(scene, view, out) for view in (render.view, reference))
+        pair = {
+            "id": f"{scene.id}/{strategy}/{render.variant}/{Path(render.view).with_suffix('')}",
+            "split": "test" if is_test_view(scene.id, render.view, test_fraction) else "train",
+            "image": image.relative_to(out).as_posix(),
+            "target_image": target,
+            "ref_image": ref,
+            "prompt": PROMPT,
+            "scene": scene.id,
+            "strategy": strategy,
+            "variant": render.variant,
+            "step": render.step,
+            "view": render.view,
+            "ref_view": reference,
+            "pose": _pose_list(scene.poses[scene.index([render.view])[0]]),
+            "ref_pose": _pose_list(scene.poses[scene.index([reference])[0]]),
+        }
+        if render.shifted_pose is not None:
+            pair["shifted_pose"] = render.shifted_pose
+        pairs.append(pair)
+    return pairs
+
+
+def assemble_dataset(out: Path) -> dict:
+    """Write OUT/dataset.json (atomically) from every strategy manifest under OUT; returns it."""
+    dataset: dict[str, dict] = {"train": {}, "test": {}}
+    for manifest in sorted(out.glob("*/*.json")):
+        if manifest.stem not in _STRATEGIES:
+            continue
+        for pair in json.loads(manifest.read_text())["pairs"]:
+            entry = {key: value for key, value in pair.items() if key not in ("id", "split")}
+            dataset[pair["split"]][pair["id"]] = entry
+    atomic_write_bytes(out / DATASET_FILE, _dumps_rows(dataset).encode())
+    return dataset
+
+
+def _dumps_rows(document: dict) -> str:
+    """JSON with one line per element of the document's top-level objects and lists (one per pair)."""
+    parts = []
+    for key, value in document.items():
+        if isinstance(value, dict) and value:
+            rows = ",\n".join(f"  {json.dumps(name)}: {json.dumps(item)}" for name, item in value.items())
+            parts.append(f"{json.dumps(key)}: {{\n{rows}\n }}")
+        elif isinstance(value, list) and value:
+            rows = ",\n".join(f"  {json.dumps(item)}" for item in value)
+            parts.append(f"{json.dumps(key)}: [\n{rows}\n ]")
+        else:
+            parts.append(f"{json.dumps(key)}: {json.dumps(value)}")
+    return "{\n " + ",\n ".join(parts) + "\n}\n"
+
+
+def _copy_clean(scene: SceneViews, view: str, out: Path) -> str:
+    destination = out / scene.id / "images" / view
+    if not destination.is_file():
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(scene.image_path(view), destination)
+    return destination.relative_to(out).as_posix()
+
+
+def _pose_list(pose: np.ndarray) -> list[list[float]]:
+    return [[round(float(value), 6) for value in row] for row in pose]
+
+
+def _check_config(config: CurateConfig) -> None:
+    if not config.scene:
+        raise Difix3DError("give at least one --scene")
+    if not config.strategies:
+        raise Difix3DError("give at least one strategy (--strategies sparse underfit cross cycle)")
+    if config.steps < 4:
+        raise Difix3DError(f"--steps must be at least 4, got {config.steps}")
+    if config.sparse_every < 2:
+        raise Difix3DError(f"--sparse-every must be at least 2, got {config.sparse_every}")
+    if not config.underfit_fractions or not all(0 < f < 1 for f in config.underfit_fractions):
+        raise Difix3DError(f"--underfit-fractions must lie in (0, 1), got {list(config.underfit_fractions)}")
+    if config.cross_groups < 2:
+        raise Difix3DError(f"--cross-groups must be at least 2, got {config.cross_groups}")
+    if not config.cycle_shift > 0:
+        raise Difix3DError(f"--cycle-shift must be positive, got {config.cycle_shift}")
+    if not 0 <= config.test_fraction < 1:
+        raise Difix3DError(f"--test-fraction must lie in [0, 1), got {config.test_fraction}")
+    if config.downscale_factor < 1:
+        raise Difix3DError(f"--downscale-factor must be at least 1, got {config.downscale_factor}")

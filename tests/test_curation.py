@@ -1,0 +1,234 @@
+"""`difix3d curate`: view selection, derived scenes, resume rules, and an end-to-end run through nerfstudio."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pycolmap
+import pytest
+
+from difix3d import curation
+from difix3d.cli import main
+from difix3d.curation import CurateConfig, SceneViews
+from difix3d.errors import Difix3DError
+from difix3d.sfm import camera_to_world
+
+
+def fake_scene(centres, camera_ids=None) -> SceneViews:
+    poses = np.tile(np.eye(4), (len(centres), 1, 1))
+    poses[:, :3, 3] = centres
+    names = [f"view_{i:02d}.png" for i in range(len(centres))]
+    return SceneViews(Path("/nowhere/fake"), names, poses, camera_ids or [1] * len(centres))
+
+
+def cli_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["curate", *args])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message
+    return message
+
+
+# ------------------------------------------------------------------------------ view selection
+
+
+def test_parse_shard():
+    assert curation.parse_shard(None) == (0, 1)
+    assert curation.parse_shard("2/5") == (2, 5)
+    for bad in ("5/5", "1", "a/b", "-1/3", "1/0"):
+        with pytest.raises(Difix3DError, match="--shard"):
+            curation.parse_shard(bad)
+
+
+def test_sparse_split_trains_on_every_nth_sorted_view():
+    names = [f"img_{i}.png" for i in (3, 0, 5, 1, 4, 2, 6)]
+    train, held_out = curation.sparse_split(names, 3)
+    assert train == ["img_0.png", "img_3.png", "img_6.png"]
+    assert held_out == ["img_1.png", "img_2.png", "img_4.png", "img_5.png"]
+
+
+def test_underfit_steps_are_fractions_of_the_schedule():
+    assert curation.underfit_steps(1000, (0.75, 0.25, 0.5, 0.5)) == [250, 500, 750]
+    assert curation.underfit_steps(4, (0.1,)) == [1]
+
+
+def test_kmeans_separates_clusters_deterministically():
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(0, 0.1, (6, 3)), rng.normal(5, 0.1, (4, 3))])
+    labels = curation.kmeans(points, 2)
+    assert len(set(labels[:6])) == 1 and len(set(labels[6:])) == 1 and labels[0] != labels[6]
+    assert np.array_equal(labels, curation.kmeans(points, 2))
+
+
+def test_camera_groups_by_id_or_kmeans():
+    centres = [[0, 0, 0], [0.1, 0, 0], [0.2, 0, 0], [9, 0, 0], [9.1, 0, 0]]
+    rig = fake_scene(centres, camera_ids=[1, 2, 1, 2, 1])
+    assert curation.camera_groups(rig, "auto", 2) == [
+        ["view_00.png", "view_02.png", "view_04.png"],
+        ["view_01.png", "view_03.png"],
+    ]
+    single = fake_scene(centres)
+    assert curation.camera_groups(single, "auto", 2) == [
+        ["view_00.png", "view_01.png", "view_02.png"],
+        ["view_03.png", "view_04.png"],
+    ]
+    with pytest.raises(Difix3DError, match="several COLMAP cameras"):
+        curation.camera_groups(single, "camera", 2)
+
+
+def test_shift_sideways_moves_along_the_camera_x_axis():
+    pose = np.eye(4)
+    pose[:3, :3] = [[0, 0, 1], [1, 0, 0], [0, 1, 0]]  # camera x axis = world y
+    pose[:3, 3] = [1, 2, 3]
+    shifted = curation.shift_sideways(pose, -0.5)
+    np.testing.assert_allclose(shifted[:3, 3], [1, 1.5, 3])
+    np.testing.assert_array_equal(shifted[:3, :3], pose[:3, :3])
+    assert curation.neighbour_spacing(np.array([[0, 0, 0], [1, 0, 0], [3, 0, 0.0]])) == 1.0
+
+
+def test_nearest_reference_is_never_the_target():
+    scene = fake_scene([[0, 0, 0], [1, 0, 0], [1.2, 0, 0], [5, 0, 0]])
+    assert curation.nearest_references(scene, scene.names, scene.names) == [
+        "view_01.png", "view_02.png", "view_01.png", "view_02.png",
+    ]  # fmt: skip
+    assert curation.nearest_references(scene, ["view_03.png"], ["view_00.png", "view_01.png"]) == ["view_01.png"]
+
+
+def test_test_split_is_a_stable_fraction_of_views():
+    chosen = [curation.is_test_view("scene", f"view_{i}.png", 0.25) for i in range(400)]
+    assert 70 < sum(chosen) < 130
+    assert chosen == [curation.is_test_view("scene", f"view_{i}.png", 0.25) for i in range(400)]
+    assert not any(curation.is_test_view("scene", f"view_{i}.png", 0.0) for i in range(50))
+
+
+def test_rendered_file_follows_ns_render_naming(tmp_path):
+    assert curation.rendered_file(tmp_path, "test", ["a.jpg", "b.jpg"], "b.jpg") == tmp_path / "test/rgb/b.png"
+    assert curation.rendered_file(tmp_path, "test", ["cam/a.jpg", "cam/b.jpg"], "cam/a.jpg") == tmp_path / "test/rgb/a.png"
+    # One image: its own path is the common path, and ns-render writes <split>/rgb.png.
+    assert curation.rendered_file(tmp_path, "test", ["a.jpg"], "a.jpg") == tmp_path / "test/rgb.png"
+
+
+# ------------------------------------------------------------------------------ derived scenes
+
+
+def test_derived_scene_splits_filters_points_and_adds_views(tiny_scene, tmp_path):
+    scene = curation.load_scene(tiny_scene)
+    train, held_out = curation.sparse_split(scene.names, 4)
+    new_pose = curation.shift_sideways(scene.poses[0], 0.3)
+    extra = {"shifted.png": (scene.image_path(scene.names[0]), new_pose)}
+    derived = curation.write_derived_scene(scene, tmp_path / "derived", train, held_out, train, extra)
+
+    assert (derived / "train_list.txt").read_text().split() == train
+    assert (derived / "test_list.txt").read_text().split() == held_out
+    assert (derived / "val_list.txt").read_text().split() == held_out
+    for name in scene.names:
+        assert (derived / "images" / name).resolve() == scene.image_path(name).resolve()
+
+    model = pycolmap.Reconstruction(str(derived / "sparse" / "0"))
+    original = pycolmap.Reconstruction(str(tiny_scene / "sparse" / "0"))
+    train_ids = {model.find_image_with_name(name).image_id for name in train}
+    assert 0 < model.num_points3D() < original.num_points3D()
+    for point in model.points3D.values():
+        assert len({element.image_id for element in point.track.elements} & train_ids) >= 2
+    added = model.find_image_with_name("shifted.png")
+    np.testing.assert_allclose(camera_to_world(added), new_pose, atol=1e-9)
+    assert added.camera_id == model.find_image_with_name(scene.names[0]).camera_id
+    assert (derived / "images" / "shifted.png").is_file()
+
+
+# ----------------------------------------------------------------------------- errors, resume
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path):
+    assert "scene folder not found" in cli_error(capsys, "--scene", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    assert "no COLMAP model in sparse/0" in cli_error(capsys, "--scene", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    assert "--shard" in cli_error(capsys, "--scene", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--shard", "3/2")
+
+
+def test_finished_strategies_are_skipped_and_changed_parameters_refused(tiny_scene, tmp_path):
+    config = CurateConfig(scene=[tiny_scene], out=tmp_path, strategies=("sparse",), steps=100)
+    pair = {"id": "scene/sparse/every4/x", "split": "train", "image": "a.png", "target_image": "b.png"}
+    manifest = tmp_path / tiny_scene.name / "sparse.json"
+    manifest.parent.mkdir()
+    parameters = curation.strategy_parameters(config, "sparse")
+    manifest.write_text(json.dumps({"parameters": parameters, "pairs": [pair]}))
+
+    result = curation.curate(config)  # would need nerfstudio if it did not skip
+    assert result.skipped == [(tiny_scene.name, "sparse")] and result.curated == []
+    dataset = json.loads((tmp_path / "dataset.json").read_text())
+    assert dataset == {"train": {pair["id"]: {"image": "a.png", "target_image": "b.png"}}, "test": {}}
+
+    config.sparse_every = 3
+    with pytest.raises(Difix3DError, match="--overwrite"):
+        curation.curate(config)
+    config.shard = "1/2"  # the only scene belongs to shard 0: nothing to do
+    assert curation.curate(config).skipped == []
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def small_scene(tmp_path_factory) -> Path:
+    from difix3d.scenes import build_scene
+
+    scene_dir = tmp_path_factory.mktemp("small_scene") / "small"
+    build_scene(scene_dir, seed=1, num_train=8, num_eval=4, log=lambda message: None)
+    return scene_dir
+
+
+@pytest.mark.slow
+def test_curate_two_scenes_then_train_and_resume(tiny_scene, small_scene, tmp_path):
+    from difix3d.training import TrainConfig, load_dataset, train
+
+    out = tmp_path / "curated"
+    args = [
+        "curate", "--scene", str(tiny_scene), "--scene", str(small_scene), "--out", str(out),
+        "--strategies", "sparse", "underfit", "--steps", "40", "--underfit-fractions", "0.25", "0.75",
+        "--test-fraction", "0.2",
+    ]  # fmt: skip
+    main(args)
+
+    dataset_path = out / "dataset.json"
+    dataset = json.loads(dataset_path.read_text())
+    pairs = {**dataset["train"], **dataset["test"]}
+    num_views = {scene: len(curation.load_scene(scene).names) for scene in (tiny_scene, small_scene)}
+    # sparse: the views off every 4th; underfit: every view at steps 10 and 30.
+    expected = sum(n - len(range(0, n, 4)) + 2 * n for n in num_views.values())
+    assert len(pairs) == expected
+    assert {(p["scene"], p["strategy"]) for p in pairs.values()} == {
+        (s.name, strategy) for s in (tiny_scene, small_scene) for strategy in ("sparse", "underfit")
+    }
+    assert {p["step"] for p in pairs.values() if p["strategy"] == "underfit"} == {10, 30}
+    for pair in pairs.values():
+        image, target, ref = (iio.imread(out / pair[key]) for key in ("image", "target_image", "ref_image"))
+        assert image.shape == target.shape == ref.shape
+        assert pair["ref_view"] != pair["view"]
+        assert np.abs(image[..., :3].astype(float) - target[..., :3]).mean() > 1  # a degraded render
+        assert np.array(pair["pose"]).shape == np.array(pair["ref_pose"]).shape == (4, 4)
+    assert not (out / tiny_scene.name / "work").exists()  # work folders are removed when done
+
+    splits = load_dataset(dataset_path)
+    assert len(splits["train"]) == len(dataset["train"]) > 0
+    result = train(
+        TrainConfig(
+            dataset=dataset_path, output=tmp_path / "difix", model="tiny", perceptual_backbone="random",
+            steps=2, crop_size=64, eval_every=0, checkpoint_every=2,
+        )
+    )  # fmt: skip
+    assert result.final_step == 2
+
+    started = time.perf_counter()
+    result = curation.curate(CurateConfig(
+        scene=[tiny_scene, small_scene], out=out, strategies=("sparse", "underfit"), steps=40,
+        underfit_fractions=(0.25, 0.75), test_fraction=0.2,
+    ))  # fmt: skip
+    assert result.curated == [] and len(result.skipped) == 4
+    assert time.perf_counter() - started < 10
+    assert json.loads(dataset_path.read_text()) == dataset
