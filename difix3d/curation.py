@@ -32,8 +32,9 @@ scene is done when all selected strategies are) and `OUT/dataset.json`, the data
 Its pairs carry extra keys: scene, strategy, variant, step (the nerfstudio step of the checkpoint
 that rendered the input), view, ref_view and the OpenCV camera-to-world poses (COLMAP frame) of the
 target (`pose`) and reference (`ref_pose`), plus `shifted_pose` for `cycle`.
-Test split rule: a target view goes to "test" when a stable hash of "<scene>/<view>" falls below
-`test_fraction`, so all pairs of a view share a split whatever the scene set or sharding.
+Test split rule (applied when dataset.json is built, so changing it needs no new renders): a target
+view goes to "test" when a stable hash of "<scene>/<view>" falls below `test_fraction`, so all pairs
+of a view share a split whatever the scene set or sharding.
 With `--shard i/n` (job arrays), the shards write different scenes; run once more without
 `--shard` afterwards (everything is skipped) to rebuild `dataset.json` from all of them.
 """
@@ -168,32 +169,40 @@ def curate(config: CurateConfig) -> CurateResult:
 
     out = Path(config.out)
     result = CurateResult(dataset=out / DATASET_FILE)
-    jobs = [(scene, strategy) for scene in scenes for strategy in dict.fromkeys(config.strategies)]
+    jobs = []
+    # Finished strategies are checked before any training, so a mismatch fails fast.
+    for scene in scenes:
+        for strategy in dict.fromkeys(config.strategies):
+            manifest = out / scene.id / f"{strategy}.json"
+            if manifest.is_file() and not config.overwrite:
+                recorded = json.loads(manifest.read_text())["parameters"]
+                if recorded != strategy_parameters(config, strategy):
+                    raise Difix3DError(
+                        f"{manifest} was curated with {recorded}, not {strategy_parameters(config, strategy)}; "
+                        "pass --overwrite to redo it"
+                    )
+                result.skipped.append((scene.id, strategy))
+            else:
+                jobs.append((scene, strategy))
+
     progress = tqdm(jobs, desc="curate", unit="strategy", dynamic_ncols=True)
     for scene, strategy in progress:
         progress.set_postfix_str(f"{scene.id}/{strategy}")
-        manifest = out / scene.id / f"{strategy}.json"
-        parameters = strategy_parameters(config, strategy)
-        if manifest.is_file() and not config.overwrite:
-            recorded = json.loads(manifest.read_text())["parameters"]
-            if recorded != parameters:
-                raise Difix3DError(
-                    f"{manifest} was curated with {recorded}, not {parameters}; pass --overwrite to redo it"
-                )
-            result.skipped.append((scene.id, strategy))
-            continue
+        # Leftovers of an interrupted or overwritten attempt go first.
+        for stale in (out / scene.id / "work" / strategy, out / scene.id / strategy):
+            if stale.exists():
+                shutil.rmtree(stale)
         work = out / scene.id / "work" / strategy
-        if work.exists():  # an interrupted attempt: start the strategy afresh
-            shutil.rmtree(work)
         renders = _STRATEGIES[strategy](scene, work, config, _Nerfstudio(config, work))
-        pairs = make_pairs(scene, strategy, renders, out, config.test_fraction)
-        atomic_write_bytes(manifest, _dumps_rows({"parameters": parameters, "pairs": pairs}).encode())
+        pairs = make_pairs(scene, strategy, renders, out)
+        document = {"parameters": strategy_parameters(config, strategy), "pairs": pairs}
+        atomic_write_bytes(out / scene.id / f"{strategy}.json", _dumps_rows(document).encode())
         if not config.keep_work:
             shutil.rmtree(work)
         result.curated.append((scene.id, strategy))
     progress.close()
 
-    dataset = assemble_dataset(out)
+    dataset = assemble_dataset(out, config.test_fraction)
     result.num_train, result.num_test = len(dataset["train"]), len(dataset["test"])
     return result
 
@@ -559,7 +568,7 @@ _STRATEGIES = {"sparse": _sparse, "underfit": _underfit, "cross": _cross, "cycle
 # ---------------------------------------------------------------------------- pairs and dataset
 
 
-def make_pairs(scene: SceneViews, strategy: str, renders: list[Render], out: Path, test_fraction: float) -> list[dict]:
+def make_pairs(scene: SceneViews, strategy: str, renders: list[Render], out: Path) -> list[dict]:
     """Move renders into OUT/<scene>/<strategy>/<variant>/, copy targets and references into
     OUT/<scene>/images/, and describe each pair (paths relative to OUT)."""
     reference_of: dict[tuple, str] = {}
@@ -576,7 +585,6 @@ def make_pairs(scene: SceneViews, strategy: str, renders: list[Render], out: Pat
         target, ref = (_copy_clean(scene, view, out) for view in (render.view, reference))
         pair = {
             "id": f"{scene.id}/{strategy}/{render.variant}/{Path(render.view).with_suffix('')}",
-            "split": "test" if is_test_view(scene.id, render.view, test_fraction) else "train",
             "image": image.relative_to(out).as_posix(),
             "target_image": target,
             "ref_image": ref,
@@ -596,15 +604,16 @@ def make_pairs(scene: SceneViews, strategy: str, renders: list[Render], out: Pat
     return pairs
 
 
-def assemble_dataset(out: Path) -> dict:
-    """Write OUT/dataset.json (atomically) from every strategy manifest under OUT; returns it."""
+def assemble_dataset(out: Path, test_fraction: float) -> dict:
+    """Write OUT/dataset.json (atomically) from every strategy manifest under OUT; returns it.
+    The split of each pair follows `is_test_view` of its target view."""
     dataset: dict[str, dict] = {"train": {}, "test": {}}
     for manifest in sorted(out.glob("*/*.json")):
         if manifest.stem not in _STRATEGIES:
             continue
         for pair in json.loads(manifest.read_text())["pairs"]:
-            entry = {key: value for key, value in pair.items() if key not in ("id", "split")}
-            dataset[pair["split"]][pair["id"]] = entry
+            split = "test" if is_test_view(pair["scene"], pair["view"], test_fraction) else "train"
+            dataset[split][pair["id"]] = {key: value for key, value in pair.items() if key != "id"}
     atomic_write_bytes(out / DATASET_FILE, _dumps_rows(dataset).encode())
     return dataset
 

@@ -141,6 +141,22 @@ def test_derived_scene_splits_filters_points_and_adds_views(tiny_scene, tmp_path
     assert (derived / "images" / "shifted.png").is_file()
 
 
+def test_nerfstudio_reads_the_added_view_where_it_was_put(tiny_scene, tmp_path):
+    from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
+
+    scene = curation.load_scene(tiny_scene)
+    original = scene.names[0]
+    extra = {"shifted.png": (scene.image_path(original), curation.shift_sideways(scene.poses[0], 0.3))}
+    derived = curation.write_derived_scene(scene, tmp_path / "derived", scene.names, [original, "shifted.png"], None, extra)
+    parser = ColmapDataParserConfig(data=derived, colmap_path=Path("sparse/0"), downscale_factor=1).setup()
+    outputs = parser.get_dataparser_outputs("test")
+    assert [path.name for path in outputs.image_filenames] == [original, "shifted.png"]
+    before, after = outputs.cameras.camera_to_worlds.double().numpy()
+    np.testing.assert_allclose(after[:, :3], before[:, :3], atol=1e-6)
+    # nerfstudio's camera x axis is OpenCV's: the view moved right by 0.3 COLMAP units.
+    np.testing.assert_allclose(after[:, 3] - before[:, 3], 0.3 * outputs.dataparser_scale * before[:, 0], atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- errors, resume
 
 
@@ -153,7 +169,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
 
 def test_finished_strategies_are_skipped_and_changed_parameters_refused(tiny_scene, tmp_path):
     config = CurateConfig(scene=[tiny_scene], out=tmp_path, strategies=("sparse",), steps=100)
-    pair = {"id": "scene/sparse/every4/x", "split": "train", "image": "a.png", "target_image": "b.png"}
+    pair = {"id": "s/sparse/every4/x", "image": "a.png", "target_image": "b.png", "scene": "s", "view": "x.png"}
     manifest = tmp_path / tiny_scene.name / "sparse.json"
     manifest.parent.mkdir()
     parameters = curation.strategy_parameters(config, "sparse")
@@ -161,8 +177,11 @@ def test_finished_strategies_are_skipped_and_changed_parameters_refused(tiny_sce
 
     result = curation.curate(config)  # would need nerfstudio if it did not skip
     assert result.skipped == [(tiny_scene.name, "sparse")] and result.curated == []
-    dataset = json.loads((tmp_path / "dataset.json").read_text())
-    assert dataset == {"train": {pair["id"]: {"image": "a.png", "target_image": "b.png"}}, "test": {}}
+    entry = {key: value for key, value in pair.items() if key != "id"}
+    assert json.loads((tmp_path / "dataset.json").read_text()) == {"train": {pair["id"]: entry}, "test": {}}
+    config.test_fraction = 0.999  # the split is chosen when the dataset is built
+    curation.curate(config)
+    assert json.loads((tmp_path / "dataset.json").read_text()) == {"train": {}, "test": {pair["id"]: entry}}
 
     config.sparse_every = 3
     with pytest.raises(Difix3DError, match="--overwrite"):
@@ -190,7 +209,7 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, small_scene, tmp_pa
     out = tmp_path / "curated"
     args = [
         "curate", "--scene", str(tiny_scene), "--scene", str(small_scene), "--out", str(out),
-        "--strategies", "sparse", "underfit", "--steps", "40", "--underfit-fractions", "0.25", "0.75",
+        "--strategies", "sparse", "underfit", "--steps", "20", "--underfit-fractions", "0.25", "0.75",
         "--test-fraction", "0.2",
     ]  # fmt: skip
     main(args)
@@ -199,19 +218,22 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, small_scene, tmp_pa
     dataset = json.loads(dataset_path.read_text())
     pairs = {**dataset["train"], **dataset["test"]}
     num_views = {scene: len(curation.load_scene(scene).names) for scene in (tiny_scene, small_scene)}
-    # sparse: the views off every 4th; underfit: every view at steps 10 and 30.
+    # sparse: the views off every 4th; underfit: every view at steps 5 and 15.
     expected = sum(n - len(range(0, n, 4)) + 2 * n for n in num_views.values())
     assert len(pairs) == expected
     assert {(p["scene"], p["strategy"]) for p in pairs.values()} == {
         (s.name, strategy) for s in (tiny_scene, small_scene) for strategy in ("sparse", "underfit")
     }
-    assert {p["step"] for p in pairs.values() if p["strategy"] == "underfit"} == {10, 30}
+    assert {p["step"] for p in pairs.values() if p["strategy"] == "underfit"} == {5, 15}
     for pair in pairs.values():
         image, target, ref = (iio.imread(out / pair[key]) for key in ("image", "target_image", "ref_image"))
         assert image.shape == target.shape == ref.shape
         assert pair["ref_view"] != pair["view"]
         assert np.abs(image[..., :3].astype(float) - target[..., :3]).mean() > 1  # a degraded render
         assert np.array(pair["pose"]).shape == np.array(pair["ref_pose"]).shape == (4, 4)
+    view = Path(curation.load_scene(tiny_scene).names[0]).stem
+    early, late = (iio.imread(out / tiny_scene.name / "underfit" / f"step{s:06d}" / f"{view}.png") for s in (5, 15))
+    assert not np.array_equal(early, late)  # each step's own checkpoint rendered
     assert not (out / tiny_scene.name / "work").exists()  # work folders are removed when done
 
     splits = load_dataset(dataset_path)
@@ -226,7 +248,7 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, small_scene, tmp_pa
 
     started = time.perf_counter()
     result = curation.curate(CurateConfig(
-        scene=[tiny_scene, small_scene], out=out, strategies=("sparse", "underfit"), steps=40,
+        scene=[tiny_scene, small_scene], out=out, strategies=("sparse", "underfit"), steps=20,
         underfit_fractions=(0.25, 0.75), test_fraction=0.2,
     ))  # fmt: skip
     assert result.curated == [] and len(result.skipped) == 4
