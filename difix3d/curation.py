@@ -199,6 +199,8 @@ def curate(config: CurateConfig) -> CurateResult:
         atomic_write_bytes(out / scene.id / f"{strategy}.json", _dumps_rows(document).encode())
         if not config.keep_work:
             shutil.rmtree(work)
+            if not any(work.parent.iterdir()):
+                work.parent.rmdir()
         result.curated.append((scene.id, strategy))
     progress.close()
 
