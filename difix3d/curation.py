@@ -120,7 +120,7 @@ class SceneViews:
 
     @property
     def id(self) -> str:
-        return self.root.name
+        return self.root.resolve().name
 
     def image_path(self, name: str) -> Path:
         return self.root / "images" / name
