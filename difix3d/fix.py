@@ -6,20 +6,18 @@ import logging
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from difix3d.checkpoint import DEFAULT_BASE, load_difix
+from difix3d.devices import DtypeName, resolve_device, resolve_dtype
 from difix3d.errors import Difix3DError
 from difix3d.images import IMAGE_SUFFIXES, is_video, list_images, load_image, read_video, save_image
 
 logger = logging.getLogger(__name__)
 
 Frame = tuple[str, Callable[[], np.ndarray]]  # output name (no suffix), loader
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def fix_command(
@@ -29,7 +27,7 @@ def fix_command(
     model: str = "nvidia/difix_ref",
     base: str = DEFAULT_BASE,
     device: str = "auto",
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
+    dtype: DtypeName = "auto",
     overwrite: bool = False,
 ) -> None:
     """Fix rendered images with Difix and write them as PNG to OUTPUT.
@@ -46,9 +44,8 @@ def fix_command(
     """
     count, frames, names = _input_frames(input)
     reference_for = _reference_lookup(ref, names)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    torch_dtype = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    difix = load_difix(model, device=device, dtype=torch_dtype, base=base)
+    torch_device = resolve_device(device)
+    difix = load_difix(model, device=torch_device, dtype=resolve_dtype(dtype, torch_device), base=base)
     written = skipped = 0
     for index, (name, load) in enumerate(tqdm(frames, total=count, desc="difix3d fix", unit="image")):
         target = output / f"{name}.png"

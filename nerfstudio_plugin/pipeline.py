@@ -8,7 +8,7 @@ module only renders with the nerfstudio model, feeds Difix, and hands the result
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Type
+from typing import Any, Dict, List, Optional, Type
 
 import torch
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
@@ -16,13 +16,12 @@ from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineC
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from difix3d.checkpoint import load_difix
+from difix3d.devices import DtypeName, resolve_dtype
 from difix3d.model import Difix
 from difix3d.poses import nearest_poses
 from difix3d.progressive import ProgressiveConfig, ProgressiveUpdater, select_targets
 from nerfstudio_plugin.datamanager import Difix3DDatamanager, Difix3DDatamanagerConfig
 from nerfstudio_plugin.model import Difix3DGSModel, Difix3DGSModelConfig
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -36,7 +35,7 @@ class DifixSettings:
     """The SD-Turbo (hub id or folder) a reference-release `.pkl` is applied on."""
     device: Optional[str] = None
     """Device for Difix; default: the pipeline's device."""
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: DtypeName = "auto"
     """auto: bfloat16 on CUDA, float32 elsewhere."""
     offload: bool = False
     """Keep Difix on the CPU between fix rounds and move it to `device` only while it runs (saves GPU memory)."""
@@ -78,7 +77,7 @@ class Difix3DPipeline(VanillaPipeline):
     def _load_difix(self) -> Difix:
         settings = self.config.difix
         device = self._difix_device()
-        dtype = DTYPES.get(settings.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = resolve_dtype(settings.dtype, device)
         difix = load_difix(settings.model, device="cpu" if settings.offload else device, dtype=dtype, base=settings.base)
         CONSOLE.log(f"Difix: {settings.model} on {device} ({dtype}){', offloaded between rounds' if settings.offload else ''}")
         return difix

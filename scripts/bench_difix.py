@@ -24,9 +24,9 @@ import torch
 import tyro
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from difix3d.devices import DTYPES
 from difix3d.model import Difix
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # SD 2.1's text encoder (OpenCLIP ViT-H/14 text tower, penultimate layer) and a tiny stand-in.
 _TEXT_ENCODERS = {
     "sd-turbo": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
@@ -132,7 +132,7 @@ def _bench_model(name: str, args: Args, device: torch.device) -> list[dict]:
     token_ids = torch.randint(0, text_encoder.config.vocab_size, (1, 77), generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for dtype_name in dtypes:
-        dtype = _DTYPES[dtype_name]
+        dtype = DTYPES[dtype_name]
         difix.to(dtype=dtype)
         text_encoder.to(dtype=dtype)
         for size in sizes:

@@ -1,0 +1,24 @@
+"""Device and dtype choices shared by every entry point (CLI, nerfstudio method, benchmarks)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" is CUDA when available, else the CPU; anything else is passed to torch ("cuda:1", ...)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: DtypeName, device: torch.device | str) -> torch.dtype:
+    """"auto" is bfloat16 on CUDA (the SD VAE overflows in float16) and float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
