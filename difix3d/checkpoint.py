@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "difix3d_config.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_BASE = "stabilityai/sd-turbo"
+# The Difix that ships inside the package: the `tiny` architecture trained on procedural scenes on the
+# CPU by scripts/bench_quality.py (see its README.md). The default where no model is named; it knows
+# nothing but those scenes: name `nvidia/difix_ref` for photographs.
+EMBEDDED_DIFIX = str(Path(__file__).resolve().parent / "assets" / "difix-tiny-procedural")
 RELEASE_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt")
 _HUB_FILES = [
     CONFIG_FILE,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from difix3d.checkpoint import DEFAULT_BASE, load_difix
+from difix3d.checkpoint import DEFAULT_BASE, EMBEDDED_DIFIX, load_difix
 from difix3d.devices import DtypeName, resolve_device, resolve_dtype
 from difix3d.errors import Difix3DError
 from difix3d.images import IMAGE_SUFFIXES, is_video, list_images, load_image, read_video, save_image
@@ -24,7 +24,7 @@ def fix_command(
     input: Path,  # noqa: A002 - the flag is --input
     output: Path,
     ref: Path | None = None,
-    model: str = "nvidia/difix_ref",
+    model: str = EMBEDDED_DIFIX,
     base: str = DEFAULT_BASE,
     device: str = "auto",
     dtype: DtypeName = "auto",
@@ -36,7 +36,8 @@ def fix_command(
         input: An image, a folder of images or a video.
         output: Folder for the fixed images (named after the inputs; video frames as NAME_00000.png).
         ref: Optional reference image, or a folder paired with the inputs by file name, else by order.
-        model: Hub id, difix3d or diffusers folder, release .pkl, or "tiny" (random weights, for tests).
+        model: Hub id (e.g. nvidia/difix_ref), difix3d or diffusers folder, release .pkl, or "tiny" (random
+            weights, for tests); default: the embedded tiny Difix trained on procedural scenes.
         base: SD-Turbo base (hub id or folder) that a release .pkl is applied to.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" is bfloat16 on CUDA and float32 on CPU.
@@ -46,6 +47,8 @@ def fix_command(
     reference_for = _reference_lookup(ref, names)
     torch_device = resolve_device(device)
     difix = load_difix(model, device=torch_device, dtype=resolve_dtype(dtype, torch_device), base=base)
+    embedded = " (embedded default: tiny Difix trained on procedural scenes; --model nvidia/difix_ref for photographs)"
+    print(f"Difix model: {model}" + (embedded if model == EMBEDDED_DIFIX else ""))
     written = skipped = 0
     for index, (name, load) in enumerate(tqdm(frames, total=count, desc="difix3d fix", unit="image")):
         target = output / f"{name}.png"

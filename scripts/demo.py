@@ -22,10 +22,10 @@ from pathlib import Path
 
 import tyro
 
+from difix3d.checkpoint import EMBEDDED_DIFIX
+
 BIN = Path(sys.executable).parent
-# No trained Difix ships yet: `tiny` is a small *randomly initialised* Difix, so `rgb_enhanced` shows
-# the plumbing, not a quality gain.
-DEFAULT_DIFIX = "tiny"
+DEFAULT_DIFIX = EMBEDDED_DIFIX
 
 
 @dataclass
@@ -78,7 +78,11 @@ def main(demo: Demo) -> None:
     if not (scene / "sparse" / "0").is_dir():
         run([BIN / "difix3d", "scene", "--out", scene, "--seed", demo.seed, "--overwrite"])
     shutil.rmtree(demo.output / "runs", ignore_errors=True)
-    print(f"Difix model: {demo.model}" + (" (random weights: plumbing only, no quality gain)" if demo.model == "tiny" else ""))
+    notes = {
+        "tiny": " (random weights: plumbing only, no quality gain)",
+        EMBEDDED_DIFIX: " (embedded: tiny Difix trained on procedural scenes, see its README.md)",
+    }
+    print(f"Difix model: {demo.model}" + notes.get(demo.model, ""))
     plain = train_render_eval(demo, scene, "plain", "--pipeline.difix.enabled", "False")
     fixed = train_render_eval(
         demo, scene, "difix3d", "--pipeline.difix.model", demo.model,
