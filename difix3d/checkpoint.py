@@ -25,17 +25,13 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from difix3d.errors import Difix3DError
+from difix3d.model_ids import DEFAULT_BASE, EMBEDDED_DIFIX  # noqa: F401  (re-exported)
 from difix3d.model import LORA_ADAPTER, NAMED_ARCHITECTURES, Difix, DifixConfig, is_adapter_key
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "difix3d_config.json"
 WEIGHTS_FILE = "model.safetensors"
-DEFAULT_BASE = "stabilityai/sd-turbo"
-# The Difix that ships inside the package: the `tiny` architecture trained on procedural scenes on the
-# CPU by scripts/bench_quality.py (see its README.md). The default where no model is named; it knows
-# nothing but those scenes: name `nvidia/difix_ref` for photographs.
-EMBEDDED_DIFIX = str(Path(__file__).resolve().parent / "assets" / "difix-tiny-procedural")
 RELEASE_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt")
 _HUB_FILES = [
     CONFIG_FILE,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from difix3d.checkpoint import DEFAULT_BASE, EMBEDDED_DIFIX, load_difix
+from difix3d.model_ids import DEFAULT_BASE, EMBEDDED_DIFIX
 from difix3d.devices import DtypeName, resolve_device, resolve_dtype
 from difix3d.errors import Difix3DError
 from difix3d.images import IMAGE_SUFFIXES, is_video, list_images, load_image, read_video, save_image
@@ -43,6 +43,8 @@ def fix_command(
         dtype: "auto" is bfloat16 on CUDA and float32 on CPU.
         overwrite: Redo images whose output already exists (they are skipped otherwise).
     """
+    from difix3d.checkpoint import load_difix  # diffusers: imported only when a command runs
+
     count, frames, names = _input_frames(input)
     reference_for = _reference_lookup(ref, names)
     torch_device = resolve_device(device)
