@@ -195,8 +195,7 @@ def curate(config: CurateConfig) -> CurateResult:
         work = out / scene.id / "work" / strategy
         renders = _STRATEGIES[strategy](scene, work, config, _Nerfstudio(config, work))
         pairs = make_pairs(scene, strategy, renders, out)
-        document = {"parameters": strategy_parameters(config, strategy), "pairs": pairs}
-        atomic_write_bytes(out / scene.id / f"{strategy}.json", _dumps_rows(document).encode())
+        write_manifest(out / scene.id / f"{strategy}.json", strategy_parameters(config, strategy), pairs)
         if not config.keep_work:
             shutil.rmtree(work)
             if not any(work.parent.iterdir()):
@@ -565,6 +564,9 @@ def _shifted_name(name: str) -> str:
 
 
 _STRATEGIES = {"sparse": _sparse, "underfit": _underfit, "cross": _cross, "cycle": _cycle}
+# Manifests that `assemble_dataset` reads: these strategies and the ground-truth data engine's
+# (`difix3d.ground_truth_pairs`, procedural scenes only).
+_MANIFEST_NAMES = (*_STRATEGIES, "ground-truth")
 
 
 # ---------------------------------------------------------------------------- pairs and dataset
@@ -606,12 +608,18 @@ def make_pairs(scene: SceneViews, strategy: str, renders: list[Render], out: Pat
     return pairs
 
 
+def write_manifest(path: Path, parameters: dict, pairs: list[dict]) -> None:
+    """A strategy's finished manifest for one scene (atomically: its presence means done)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, _dumps_rows({"parameters": parameters, "pairs": pairs}).encode())
+
+
 def assemble_dataset(out: Path, test_fraction: float) -> dict:
     """Write OUT/dataset.json (atomically) from every strategy manifest under OUT; returns it.
     The split of each pair follows `is_test_view` of its target view."""
     dataset: dict[str, dict] = {"train": {}, "test": {}}
     for manifest in sorted(out.glob("*/*.json")):
-        if manifest.stem not in _STRATEGIES:
+        if manifest.stem not in _MANIFEST_NAMES:
             continue
         for pair in json.loads(manifest.read_text())["pairs"]:
             split = "test" if is_test_view(pair["scene"], pair["view"], test_fraction) else "train"
