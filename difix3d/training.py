@@ -44,7 +44,8 @@ from safetensors.torch import load_file, save_file
 from difix3d.errors import Difix3DError
 from difix3d.images import load_image, save_image
 from difix3d.losses import GRAM_LAYER_WEIGHTS, DifixLoss, LossTerms
-from difix3d.metrics import LPIPSMetric, find_backbone_weights, psnr, ssim
+from difix3d.imagenet_weights import describe, find_imagenet_weights
+from difix3d.metrics import LPIPSMetric, psnr, ssim
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ class TrainConfig:
     perceptual_backbone: Literal["pretrained", "random"] = "pretrained"
     """VGG-16 for LPIPS and Gram: ImageNet weights (required unless "random", for tests only)."""
     vgg16_weights: Path | None = None
-    """torchvision VGG-16 weights file (default: $DIFIX3D_VGG16_WEIGHTS, then the torch hub cache)."""
+    """torchvision VGG-16 weights file (default: $DIFIX3D_VGG16_WEIGHTS, the torch hub cache, then the
+    weights fetched by `difix3d weights`; see difix3d.imagenet_weights)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """"auto": bf16 on GPUs that support it, else full precision."""
     gradient_checkpointing: bool = False
@@ -95,6 +97,8 @@ class TrainConfig:
     eval_every: int = 1000
     """Evaluate on the test split every N steps (and at the last step); 0: never."""
     eval_max_pairs: int = 32
+    eval_lpips_net: Literal["alex", "vgg"] = "alex"
+    """Backbone of the evaluation's LPIPS: AlexNet (the paper's metric) or VGG-16."""
     """Test pairs used per evaluation (the first ones, in JSON order)."""
     grid_rows: int = 4
     """Test pairs shown in each evaluation grid."""
@@ -373,7 +377,10 @@ class DifixTrainer:
         if resume_from is not None:
             _restore_rng(resume_from / f"rng_{self.accelerator.process_index}.pt", self.device)
         evaluates = self._is_main and config.eval_every > 0 and self.splits["test"]
-        self.lpips_metric = LPIPSMetric("vgg", config.vgg16_weights, self.device) if evaluates else None
+        self.lpips_metric = None
+        if evaluates:
+            lpips_weights = config.vgg16_weights if config.eval_lpips_net == "vgg" else None
+            self.lpips_metric = LPIPSMetric(config.eval_lpips_net, lpips_weights, self.device)
         self.writer = self._tensorboard_writer()
 
     @property
@@ -461,7 +468,7 @@ class DifixTrainer:
                     scores["lpips"].append(float(lpips_value))
                 if len(rows) < self.config.grid_rows:
                     rows.append([image, output, target, ref])
-            metrics = {"step": self.step, "pairs": len(pairs)}
+            metrics = {"step": self.step, "pairs": len(pairs), "lpips_net": self.config.eval_lpips_net}
             metrics.update({name: float(np.mean(values)) for name, values in scores.items() if values})
             grid_path = self.output / "eval" / f"step-{self.step:08d}.png"
             save_image(grid_path, _grid(rows))
@@ -564,7 +571,7 @@ class DifixTrainer:
         if config.perceptual_backbone == "random":
             backbone = "**RANDOM (untrained) VGG-16** — asked for explicitly; LPIPS and Gram terms are not perceptual"
         elif config.lambda_lpips > 0 or config.lambda_gram > 0:
-            backbone = f"ImageNet VGG-16 from `{find_backbone_weights('vgg', config.vgg16_weights)}`"
+            backbone = f"ImageNet VGG-16 from `{find_imagenet_weights('vgg', config.vgg16_weights)}`"
         else:
             backbone = "not used"
         last_eval = next((e for e in reversed(result.evaluations) if e), None)
@@ -574,8 +581,10 @@ class DifixTrainer:
             if last_eval
             else "no evaluation (no test split, or --eval-every 0)"
         )
-        if last_eval and "lpips" not in last_eval:
-            metrics += "; LPIPS unavailable (no VGG-16 ImageNet weights)"
+        if last_eval and "lpips" in last_eval:
+            metrics += f"; LPIPS v0.1 with {describe(config.eval_lpips_net)} ImageNet features"
+        elif last_eval:
+            metrics += f"; LPIPS n/a: {self.lpips_metric.unavailable_reason}"
         layer_weights = ", ".join(f"{w:.4g}" for w in GRAM_LAYER_WEIGHTS)
         return f"""# Difix fine-tuned with difix3d
 
