@@ -538,7 +538,7 @@ class DifixTrainer:
                 state["num_processes"],
                 self.accelerator.num_processes,
             )
-        trainable = load_file(directory / "trainable.safetensors", device=str(self.device))
+        trainable = load_file(directory / "trainable.safetensors")  # on the CPU; copied into the parameters below
         missing = sorted(self.trainable_names - set(trainable))
         if missing:
             raise Difix3DError(f"--resume: {directory} lacks trainable weights, e.g. {', '.join(missing[:3])}")
@@ -546,7 +546,9 @@ class DifixTrainer:
             for name, parameter in model.named_parameters():
                 if name in self.trainable_names:
                     parameter.copy_(trainable[name])
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
+        # Read to the CPU (a process's device may be "cpu:N", which torch.load cannot map to);
+        # load_state_dict moves the state next to its parameters.
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
         if self.accelerator.scaler is not None and (directory / "grad_scaler.pt").is_file():
             self.accelerator.scaler.load_state_dict(torch.load(directory / "grad_scaler.pt", weights_only=True))
         logger.info("resumed from %s (step %d)", directory, state["step"])
@@ -555,16 +557,15 @@ class DifixTrainer:
     def _restore_rng(self, directory: Path) -> None:
         """This process's RNG states from the checkpoint (JSON: nothing in it can run code)."""
         path = directory / RNG_STATES_FILE
+        if not path.is_file():
+            logger.warning("%s has no %s: continuing with fresh random states", directory, RNG_STATES_FILE)
+            return
         try:
             states = json.loads(path.read_text())["processes"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-            logger.warning("cannot read RNG states %s (%s): continuing with fresh seeds", path, error)
-            return
-        if len(states) != self.accelerator.num_processes:
-            return  # warned about in _load_checkpoint: the run is not a replay anyway
-        try:
-            _set_rng_state(states[self.accelerator.process_index], self.device)
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            # Another process count was warned about in _load_checkpoint: that run is no replay anyway.
+            if len(states) == self.accelerator.num_processes:
+                _set_rng_state(states[self.accelerator.process_index], self.device)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:  # JSON errors are ValueErrors
             raise Difix3DError(f"--resume: {path} holds no valid RNG state: {error}") from None
 
     # --------------------------------------------------------------------------- final model
