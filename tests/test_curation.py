@@ -226,6 +226,7 @@ def two_scenes(tiny_scene, tmp_path) -> list[Path]:
     return [tiny_scene, second]
 
 
+@pytest.mark.slow  # two Python processes importing torch: about a minute on a busy 2-core machine
 def test_concurrent_shards_build_the_dataset_once_with_every_pair(two_scenes, tmp_path):
     out = tmp_path / "curated"
     (tmp_path / "rendezvous").mkdir()
