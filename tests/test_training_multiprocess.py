@@ -4,8 +4,10 @@ CPU processes (gloo) launched as the README says, resumed bit for bit."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -66,8 +68,19 @@ def _train_args(dataset: Path, output: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _launch(command: list[str]) -> subprocess.Popen:
+    # A session of its own, so that cleaning up also ends the workers a launcher started.
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
 def _finish(processes: list[subprocess.Popen]) -> str:
-    outputs = [process.communicate(timeout=900)[0] for process in processes]
+    try:
+        outputs = [process.communicate(timeout=900)[0] for process in processes]
+    finally:
+        for process in processes:  # none is left behind when one hangs or fails
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
     assert [process.returncode for process in processes] == [0] * len(processes), "\n".join(outputs)
     return "".join(outputs)
 
@@ -91,7 +104,7 @@ def test_two_processes_train_checkpoint_once_and_resume_exactly(tmp_path):
     # The README's recipe for CPU processes.
     full = tmp_path / "full"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
-    log = _finish([subprocess.Popen([*torchrun, *_train_args(dataset, full)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)])
+    log = _finish([_launch([*torchrun, *_train_args(dataset, full)])])
 
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     for checkpoint in (full / "checkpoints").iterdir():
@@ -114,16 +127,11 @@ def test_two_processes_train_checkpoint_once_and_resume_exactly(tmp_path):
     shutil.copytree(full / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
     port = str(_free_port())
     nodes = [
-        subprocess.Popen(
-            [
-                sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-                "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                "--main_process_port", port, *_train_args(dataset, resumed, "--resume"),
-            ],  # fmt: skip
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        _launch([
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+            "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+            "--main_process_port", port, *_train_args(dataset, resumed, "--resume"),
+        ])  # fmt: skip
         for rank in range(2)
     ]
     _finish(nodes)
