@@ -16,6 +16,9 @@ render (input) with its photograph (target) and the nearest clean view the degra
   multiple of the median distance between neighbouring cameras, since COLMAP's scale is arbitrary),
   train a second model on those renders alone, render the original poses; reference: the nearest
   other original view.
+- `ground-truth` (procedural scenes from `difix3d scene` only): reconstruct with the in-process 3DGS
+  fitter, render it at many novel poses and several points of its schedule, and pair the renders with
+  the ray-traced truth at those poses (`difix3d.ground_truth_pairs`); needs no COLMAP model.
 
 nerfstudio runs as subprocesses (`ns-train`, `ns-render` next to the running Python), each on a
 derived scene folder: `images/` links to the photographs (plus, for `cycle`, the shifted views),
@@ -48,6 +51,7 @@ strategies are skipped). Running once more without `--shard` (everything is skip
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -72,7 +76,8 @@ from difix3d.poses import pairwise_pose_distance
 from difix3d.progressive import atomic_write_bytes
 from difix3d.sfm import camera_to_world
 
-Strategy = Literal["sparse", "underfit", "cross", "cycle"]
+Strategy = Literal["sparse", "underfit", "cross", "cycle", "ground-truth"]
+GROUND_TRUTH = "ground-truth"
 DATASET_FILE = "dataset.json"
 SHARDS_FOLDER = "shards"
 PROMPT = "remove degradation"
@@ -85,7 +90,8 @@ class CurateConfig:
     """Settings of `difix3d curate`."""
 
     scene: Annotated[list[Path], tyro.conf.UseAppendAction]
-    """COLMAP scene folder with images/ and sparse/0 (repeat --scene for several)."""
+    """COLMAP scene folder with images/ and sparse/0 (repeat --scene for several); for the
+    ground-truth strategy, a procedural scene made by `difix3d scene` (its ground_truth.json)."""
     out: Path
     """Output folder: renders, copies of targets and references, manifests and dataset.json."""
     strategies: tuple[Strategy, ...] = ("sparse", "underfit", "cross", "cycle")
@@ -103,6 +109,13 @@ class CurateConfig:
     """cross: number of k-means groups."""
     cycle_shift: float = 1.0
     """cycle: sideways shift, in median distances between neighbouring cameras."""
+    ground_truth_steps: int = 1000
+    """ground-truth: 3DGS steps of the reconstruction (the quality benchmark's schedule); renders are
+    taken at 40%, 70% and 100% of it."""
+    ground_truth_extreme: int = 12
+    """ground-truth: extreme target poses per scene (each with two poses on the way to it)."""
+    ground_truth_wide: int = 10
+    """ground-truth: poses anywhere around the scene per scene."""
     test_fraction: float = 0.1
     """Fraction of target views (by a stable hash) whose pairs go to the test split."""
     shard: str | None = None
@@ -175,7 +188,10 @@ def curate(config: CurateConfig) -> CurateResult:
     duplicated = sorted({name for name in all_ids if all_ids.count(name) > 1})
     if duplicated:
         raise Difix3DError(f"scene IDs are folder names and must be unique; repeated: {', '.join(duplicated)}")
-    scenes = [load_scene(Path(path)) for path in config.scene[shard_index::num_shards]]
+    scene_dirs = [Path(path) for path in config.scene[shard_index::num_shards]]
+    # The ground-truth strategy needs no COLMAP model: its scenes know their true poses.
+    uses_colmap = bool(set(config.strategies) - {GROUND_TRUTH})
+    scenes = [load_scene(path) if uses_colmap else SceneViews(path, [], np.zeros((0, 4, 4)), []) for path in scene_dirs]
 
     out = Path(config.out)
     result = CurateResult(dataset=out / DATASET_FILE)
@@ -205,14 +221,19 @@ def curate(config: CurateConfig) -> CurateResult:
         for stale in (out / scene.id / "work" / strategy, out / scene.id / strategy):
             if stale.exists():
                 shutil.rmtree(stale)
-        work = out / scene.id / "work" / strategy
-        renders = _STRATEGIES[strategy](scene, work, config, _Nerfstudio(config, work))
-        pairs = make_pairs(scene, strategy, renders, out)
+        if strategy == GROUND_TRUTH:
+            from difix3d.ground_truth_pairs import curate_ground_truth_scene
+
+            pairs = curate_ground_truth_scene(scene.root, out, ground_truth_config(config), progress=False)
+        else:
+            work = out / scene.id / "work" / strategy
+            renders = _STRATEGIES[strategy](scene, work, config, _Nerfstudio(config, work))
+            pairs = make_pairs(scene, strategy, renders, out)
+            if not config.keep_work:
+                shutil.rmtree(work)
+                if not any(work.parent.iterdir()):
+                    work.parent.rmdir()
         write_manifest(out / scene.id / f"{strategy}.json", strategy_parameters(config, strategy), pairs)
-        if not config.keep_work:
-            shutil.rmtree(work)
-            if not any(work.parent.iterdir()):
-                work.parent.rmdir()
         result.curated.append((scene.id, strategy))
     progress.close()
 
@@ -281,6 +302,8 @@ def load_scene(root: Path) -> SceneViews:
 
 def strategy_parameters(config: CurateConfig, strategy: str) -> dict:
     """The settings a strategy's result depends on (recorded in its manifest)."""
+    if strategy == GROUND_TRUTH:
+        return json.loads(json.dumps(dataclasses.asdict(ground_truth_config(config))))  # tuples as JSON lists
     own = {
         "sparse": {"sparse_every": config.sparse_every},
         "underfit": {"underfit_fractions": list(config.underfit_fractions)},
@@ -288,6 +311,17 @@ def strategy_parameters(config: CurateConfig, strategy: str) -> dict:
         "cycle": {"cycle_shift": config.cycle_shift},
     }[strategy]
     return {"steps": config.steps, "downscale_factor": config.downscale_factor, **own}
+
+
+def ground_truth_config(config: CurateConfig):
+    """The ground-truth data engine's settings (`difix3d.ground_truth_pairs`) from `difix3d curate`'s."""
+    from difix3d.ground_truth_pairs import GroundTruthPairsConfig
+
+    steps = config.ground_truth_steps
+    return GroundTruthPairsConfig(
+        steps=steps, snapshot_steps=tuple(sorted({max(1, round(steps * f)) for f in (0.4, 0.7, 1.0)})),
+        num_extreme=config.ground_truth_extreme, num_wide=config.ground_truth_wide,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ view selection
@@ -591,7 +625,7 @@ def _shifted_name(name: str) -> str:
 _STRATEGIES = {"sparse": _sparse, "underfit": _underfit, "cross": _cross, "cycle": _cycle}
 # Manifests that `assemble_dataset` reads: these strategies and the ground-truth data engine's
 # (`difix3d.ground_truth_pairs`, procedural scenes only).
-_MANIFEST_NAMES = (*_STRATEGIES, "ground-truth")
+_MANIFEST_NAMES = (*_STRATEGIES, GROUND_TRUTH)
 
 
 # ---------------------------------------------------------------------------- pairs and dataset

@@ -21,15 +21,13 @@ scene is skipped on the next run), in `difix3d.curation`'s manifest format.
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from difix3d.errors import Difix3DError
 from difix3d.gaussians import SplatFitConfig, fit_splats, render_splats, seed_points_from_depth
@@ -165,10 +163,6 @@ def curate_ground_truth_scene(scene_dir: Path, out: Path, config: GroundTruthPai
     return pairs
 
 
-def parameters(config: GroundTruthPairsConfig) -> dict:
-    return json.loads(json.dumps(asdict(config)))
-
-
 def _interpolate(start: np.ndarray, end: np.ndarray, fraction: float) -> np.ndarray:
     """The pose `fraction` of the way from `start` to `end`: centre linearly, rotation by slerp."""
     start_t, end_t = torch.from_numpy(start[:3]), torch.from_numpy(end[:3])
@@ -187,24 +181,3 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
     iio.imwrite(temporary, np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8))
     temporary.replace(path)
 
-
-def curate_ground_truth(scene_dirs: list[Path], out: Path, config: GroundTruthPairsConfig, overwrite: bool = False) -> list[str]:
-    """Run the strategy on every scene without a finished manifest; returns the scene IDs curated now.
-    A manifest written with other parameters is refused unless `overwrite`."""
-    from difix3d.curation import write_manifest
-
-    curated = []
-    progress = tqdm(scene_dirs, desc=STRATEGY, unit="scene", dynamic_ncols=True)
-    for scene_dir in progress:
-        scene_id = Path(scene_dir).resolve().name
-        progress.set_postfix_str(scene_id)
-        manifest = out / scene_id / f"{STRATEGY}.json"
-        if manifest.is_file() and not overwrite:
-            recorded = json.loads(manifest.read_text())["parameters"]
-            if recorded != parameters(config):
-                raise Difix3DError(f"{manifest} was curated with {recorded}, not {parameters(config)}; pass --overwrite")
-            continue
-        pairs = curate_ground_truth_scene(Path(scene_dir), out, config, progress=False)
-        write_manifest(manifest, parameters(config), pairs)
-        curated.append(scene_id)
-    return curated

@@ -6,14 +6,16 @@ Stages (each skipped when its result is on disk, so the job can span sessions):
 2. pairs: the ground-truth data engine (`difix3d.ground_truth_pairs`) on each scene, then the
    dataset JSON (`difix3d.curation.assemble_dataset`);
 3. autoencoder: the VAE (encoder, decoder, skip convs) of a fresh `--architecture` Difix trained as an
-   autoencoder on the clean images until it reproduces held-out images (`difix3d.autoencoder`);
+   autoencoder on the scenes' clean views, checked on held-out scenes (`difix3d.autoencoder`); it
+   needs no pairs, so it can run beside stage 2 (`--stages autoencoder`);
 4. difix: `difix3d train` from that start, with the paper's loss (L2 + LPIPS + Gram on ImageNet VGG-16).
 
-Prints the record of every stage (pairs, CPU seconds, autoencoder PSNR, Difix scores) as JSON.
+Each stage adds its figures (CPU seconds, autoencoder PSNR, Difix scores) to WORK/record.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -26,6 +28,8 @@ from tqdm.auto import tqdm
 
 TRAIN_SEED_START = 3000
 """Training scenes use seeds TRAIN_SEED_START, TRAIN_SEED_START + 1, ...; benchmark seeds lie below."""
+AUTOENCODER_HELD_OUT_SCENES = 4
+TEST_FRACTION = 0.05
 
 
 @dataclass
@@ -35,8 +39,8 @@ class Settings:
     num_scenes: int = 32
     shard: str | None = None
     """"i/n": stages 1-2 for scenes i, i+n, ... only (run several processes side by side)."""
-    stop_after: str = "difix"
-    """Last stage to run: scenes, pairs, autoencoder or difix."""
+    stages: tuple[str, ...] = ("scenes", "pairs", "autoencoder", "difix")
+    """Stages to run (each skips what is already on disk)."""
     width: int = 160
     height: int = 120
     steps_3dgs: int = 1000
@@ -87,38 +91,31 @@ def build_scenes(settings: Settings) -> None:
     record(settings, f"scenes{_shard_suffix(settings)}", {"cpu_seconds": round(time.process_time() - started, 1)})
 
 
-def curate_pairs(settings: Settings) -> Path:
-    from difix3d.curation import assemble_dataset
-    from difix3d.ground_truth_pairs import GroundTruthPairsConfig, curate_ground_truth
+def curate_pairs(settings: Settings) -> None:
+    from difix3d.curation import CurateConfig, curate
 
     started = time.process_time()
-    out = settings.work / "pairs"
-    config = GroundTruthPairsConfig(steps=settings.steps_3dgs)
-    curate_ground_truth(scene_dirs(settings), out, config)
+    result = curate(CurateConfig(scene=scene_dirs(dataclasses.replace(settings, shard=None)), out=settings.work / "pairs",
+                                 strategies=("ground-truth",), ground_truth_steps=settings.steps_3dgs,
+                                 test_fraction=TEST_FRACTION, shard=settings.shard))  # fmt: skip
     record(settings, f"pairs{_shard_suffix(settings)}", {"cpu_seconds": round(time.process_time() - started, 1)})
-    dataset = assemble_dataset(out, test_fraction=0.05)
-    log(f"dataset: {len(dataset['train'])} train / {len(dataset['test'])} test pairs")
-    return out / "dataset.json"
+    if result.dataset is not None:
+        log(f"dataset: {result.num_train} train / {result.num_test} test pairs")
 
 
-def clean_images(dataset_path: Path) -> dict[str, torch.Tensor]:
-    """The clean images (targets and references) of the dataset by split, [N, 3, H, W] in [-1, 1];
-    a reference that is also a test target counts as test."""
+def scene_images(folders: list[Path]) -> torch.Tensor:
+    """Every view of the given scene folders, [N, 3, H, W] in [-1, 1]."""
     import imageio.v3 as iio
     import numpy as np
 
-    content = json.loads(dataset_path.read_text())
-    files = {split: {pair[key] for pair in pairs.values() for key in ("target_image", "ref_image") if pair.get(key)}
-             for split, pairs in content.items()}  # fmt: skip
-    files["train"] -= files["test"]
-    return {
-        split: torch.stack([torch.from_numpy(np.ascontiguousarray(iio.imread(dataset_path.parent / name)[..., :3]))
-                            .permute(2, 0, 1).float() / 127.5 - 1 for name in sorted(names)])  # fmt: skip
-        for split, names in files.items()
-    }
+    files = sorted(path for folder in folders for path in (folder / "images").glob("*.png"))
+    return torch.stack([torch.from_numpy(np.ascontiguousarray(iio.imread(path)[..., :3])).permute(2, 0, 1).float() / 127.5 - 1
+                        for path in files])  # fmt: skip
 
 
-def train_autoencoder(settings: Settings, dataset: Path) -> Path:
+def train_autoencoder(settings: Settings) -> Path:
+    """Stage 3, on the clean views of every scene; the last `AUTOENCODER_HELD_OUT_SCENES` scenes are
+    held out for the PSNR check (the pairs are not needed: this can run while they are curated)."""
     from difix3d.autoencoder import AutoencoderConfig, autoencoder_psnr, pretrain_autoencoder
     from difix3d.checkpoint import WEIGHTS_FILE, save_pretrained
     from difix3d.model import Difix
@@ -126,13 +123,15 @@ def train_autoencoder(settings: Settings, dataset: Path) -> Path:
     folder = settings.work / "autoencoder"
     if (folder / WEIGHTS_FILE).is_file():
         return folder
-    images = clean_images(dataset)
+    folders = scene_dirs(dataclasses.replace(settings, shard=None))
+    images = {"train": scene_images(folders[:-AUTOENCODER_HELD_OUT_SCENES]),
+              "test": scene_images(folders[-AUTOENCODER_HELD_OUT_SCENES:])}  # fmt: skip
     log(f"autoencoder: {len(images['train'])} clean training images, {len(images['test'])} held out")
     started = time.process_time()
     difix = Difix.from_config(settings.architecture)
     config = AutoencoderConfig(steps=settings.autoencoder_steps, learning_rate=settings.autoencoder_lr)
     pretrain_autoencoder(difix, images["train"], config, on_log=lambda step, loss: log(f"autoencoder step {step}: L2 {loss:.5f}"))
-    held_out = autoencoder_psnr(difix, images["test"][..., : images["test"].shape[-2] // 8 * 8, : images["test"].shape[-1] // 8 * 8])
+    held_out = autoencoder_psnr(difix, images["test"])
     log(f"autoencoder reproduces held-out images at {held_out:.2f} dB PSNR")
     save_pretrained(difix, folder)
     record(settings, "autoencoder", {
@@ -166,17 +165,19 @@ def _shard_suffix(settings: Settings) -> str:
 
 def main(settings: Settings) -> None:
     torch.set_num_threads(1)  # an entry point: one thread is fastest on a shared 2-core machine
-    stages = ("scenes", "pairs", "autoencoder", "difix")
-    last = stages.index(settings.stop_after)
-    build_scenes(settings)
-    if last < 1:
-        return
-    dataset = curate_pairs(settings)
-    if last < 2 or settings.shard is not None:
-        return
-    start = train_autoencoder(settings, dataset)
-    if last >= 3:
-        train_difix(settings, dataset, start)
+    if "scenes" in settings.stages:
+        build_scenes(settings)
+    if "pairs" in settings.stages:
+        curate_pairs(settings)
+    if settings.shard is not None:
+        return  # the shared stages run in one process
+    if "autoencoder" in settings.stages:
+        train_autoencoder(settings)
+    if "difix" in settings.stages:
+        from difix3d.curation import assemble_dataset
+
+        assemble_dataset(settings.work / "pairs", test_fraction=TEST_FRACTION)
+        train_difix(settings, settings.work / "pairs" / "dataset.json", settings.work / "autoencoder")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from difix3d.autoencoder import AutoencoderConfig, autoencoder_psnr, pretrain_autoencoder
-from difix3d.curation import assemble_dataset
-from difix3d.ground_truth_pairs import GroundTruthPairsConfig, curate_ground_truth, novel_poses
+from difix3d.curation import CurateConfig, curate
+from difix3d.errors import Difix3DError
+from difix3d.ground_truth_pairs import GroundTruthPairsConfig, novel_poses
 from difix3d.model import Difix
 from difix3d.scenes import build_scene, load_ground_truth
 
@@ -37,12 +38,14 @@ def test_novel_poses_are_named_seeded_and_inside_the_room(scene):
         assert np.all(np.abs(pose[:2, 3]) < truth.layout.room_half_size) and 0 < pose[2, 3] < truth.layout.room_height
 
 
-def test_pairs_pair_renders_with_truth_and_nearest_training_view(scene, tmp_path):
+def test_curate_ground_truth_pairs_renders_with_truth_and_nearest_training_view(scene, tmp_path):
     out = tmp_path / "pairs"
-    assert curate_ground_truth([scene], out, TINY) == ["scene_a"]
-    manifest = json.loads((out / "scene_a" / "ground-truth.json").read_text())
-    pairs = manifest["pairs"]
-    assert len(pairs) == 5 * 2 and {pair["step"] for pair in pairs} == {6, 12}
+    config = CurateConfig(scene=[scene], out=out, strategies=("ground-truth",), ground_truth_steps=10,
+                          ground_truth_extreme=2, ground_truth_wide=1, test_fraction=0.0)  # fmt: skip
+    result = curate(config)
+    assert result.curated == [("scene_a", "ground-truth")] and result.num_train == 7 * 3
+    pairs = json.loads((out / "scene_a" / "ground-truth.json").read_text())["pairs"]
+    assert {pair["step"] for pair in pairs} == {4, 7, 10}
     truth = load_ground_truth(scene)
     train_names = {frame.name for frame in truth.frames if frame.split == "train"}
     for pair in pairs:
@@ -51,15 +54,12 @@ def test_pairs_pair_renders_with_truth_and_nearest_training_view(scene, tmp_path
         assert pair["ref_view"] in train_names
     # The target is the ray-traced truth at the pair's pose.
     pair = pairs[0]
-    expected = truth.render(np.array(pair["pose"]), supersample=1).rgb
-    assert np.abs(iio.imread(out / pair["target_image"]) / 255 - expected).max() < 1 / 255 + 1e-3
-    # The dataset JSON takes the ground-truth manifest like any other strategy's.
-    dataset = assemble_dataset(out, test_fraction=0.0)
-    assert len(dataset["train"]) == 10
+    expected = truth.render(np.array(pair["pose"]), supersample=4).rgb
+    assert np.abs(iio.imread(out / pair["target_image"]) / 255 - expected).max() <= 0.5 / 255 + 1e-4
     # Finished scenes are skipped; other parameters are refused.
-    assert curate_ground_truth([scene], out, TINY) == []
-    with pytest.raises(Exception, match="curated with"):
-        curate_ground_truth([scene], out, GroundTruthPairsConfig(steps=13, snapshot_steps=(13,)))
+    assert curate(config).skipped == [("scene_a", "ground-truth")]
+    with pytest.raises(Difix3DError, match="curated with"):
+        curate(CurateConfig(**{**vars(config), "ground_truth_steps": 12}))
 
 
 def test_autoencoder_pretraining_learns_to_reproduce(scene):
