@@ -146,12 +146,15 @@ def load_imagenet_features(net: Backbone, weights_path: str | Path | None = None
 
 def features_state_dict(path: Path, net: Backbone) -> dict[str, torch.Tensor]:
     """The `features.*` part of a torchvision state dict file (.pth or .safetensors), prefix removed."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated or foreign files fail in many library-specific ways
+        raise Difix3DError(f"{path} cannot be read as {describe(net)} weights ({str(error).splitlines()[0]}); replace or delete it") from None
     if not isinstance(state, dict):
         raise Difix3DError(f"{path} is not a torchvision {describe(net)} state dict")
     features = {key.removeprefix("features."): value for key, value in state.items() if key.startswith("features.")}
