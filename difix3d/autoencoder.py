@@ -9,8 +9,10 @@ how well it reproduces held-out images. The UNet, the LoRA adapter and the promp
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,19 +47,33 @@ def pretrain_autoencoder(
     config: AutoencoderConfig,
     on_log: Callable[[int, float], None] | None = None,
     progress: bool = True,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 200,
 ) -> Difix:
     """Trains `difix`'s VAE on random crops of `images` [N, 3, H, W] in [-1, 1], in place; returns
-    it frozen again the way Difix trains (encoder and decoder base fixed, adapters trainable)."""
+    it frozen again the way Difix trains (encoder and decoder base fixed, adapters trainable).
+
+    With `checkpoint` (a file), the run is saved there every `checkpoint_every` steps and continues
+    from it when it exists, exactly as if it had not been interrupted."""
     parameters = autoencoder_parameters(difix)
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     generator = torch.Generator().manual_seed(config.seed)
+    first_step = 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        difix.vae.load_state_dict(state["vae"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        first_step = int(state["step"])
     crop_h = min(config.crop, images.shape[-2]) // 8 * 8
     crop_w = min(config.crop, images.shape[-1]) // 8 * 8
     difix.train()
-    for step in tqdm(range(config.steps), desc="autoencoder", unit="step", disable=not progress, leave=False):
+    steps = range(first_step, config.steps)
+    for step in tqdm(steps, desc="autoencoder", unit="step", disable=not progress, leave=False, initial=first_step, total=config.steps):
         index = torch.randint(len(images), (config.batch_size,), generator=generator)
         top = int(torch.randint(images.shape[-2] - crop_h + 1, (1,), generator=generator))
         left = int(torch.randint(images.shape[-1] - crop_w + 1, (1,), generator=generator))
@@ -69,6 +85,12 @@ def pretrain_autoencoder(
         schedule.step()
         if on_log is not None and (step % 100 == 0 or step == config.steps - 1):
             on_log(step, loss.item())
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == config.steps):
+            state = {"vae": difix.vae.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "generator": generator.get_state(), "step": step + 1}  # fmt: skip
+            temporary = Path(checkpoint).with_name(f".{Path(checkpoint).name}.tmp")
+            torch.save(state, temporary)
+            os.replace(temporary, checkpoint)
     for name, parameter in difix.vae.named_parameters():
         parameter.requires_grad_(is_adapter_key(name))
     return difix.eval()

@@ -130,7 +130,9 @@ def train_autoencoder(settings: Settings) -> Path:
     started = time.process_time()
     difix = Difix.from_config(settings.architecture)
     config = AutoencoderConfig(steps=settings.autoencoder_steps, learning_rate=settings.autoencoder_lr)
-    pretrain_autoencoder(difix, images["train"], config, on_log=lambda step, loss: log(f"autoencoder step {step}: L2 {loss:.5f}"))
+    settings.work.mkdir(parents=True, exist_ok=True)
+    pretrain_autoencoder(difix, images["train"], config, checkpoint=settings.work / "autoencoder_checkpoint.pt", checkpoint_every=50,
+                         on_log=lambda step, loss: log(f"autoencoder step {step}: L2 {loss:.5f}"))  # fmt: skip
     held_out = autoencoder_psnr(difix, images["test"])
     log(f"autoencoder reproduces held-out images at {held_out:.2f} dB PSNR")
     save_pretrained(difix, folder)

@@ -73,3 +73,27 @@ def test_autoencoder_pretraining_learns_to_reproduce(scene):
     # Back to Difix's training split: only the adapters of the VAE are trainable.
     trainable = {name for name, parameter in difix.vae.named_parameters() if parameter.requires_grad}
     assert trainable and all("lora_" in name or "skip_conv_" in name for name in trainable)
+
+
+def test_autoencoder_resumes_exactly_from_its_checkpoint(tmp_path, monkeypatch):
+    import difix3d.autoencoder
+
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    config = AutoencoderConfig(steps=6, batch_size=2, crop=24, learning_rate=1e-3)
+    straight = pretrain_autoencoder(Difix.from_config("tiny"), images, config, progress=False)
+
+    checkpoint = tmp_path / "autoencoder.pt"
+    real_replace = difix3d.autoencoder.os.replace
+
+    def replace_then_die(source, destination):  # the process is killed right after its step-3 checkpoint
+        real_replace(source, destination)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(difix3d.autoencoder.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_autoencoder(Difix.from_config("tiny"), images, config, progress=False, checkpoint=checkpoint, checkpoint_every=3)
+    monkeypatch.setattr(difix3d.autoencoder.os, "replace", real_replace)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 3
+    resumed = pretrain_autoencoder(Difix.from_config("tiny"), images, config, progress=False, checkpoint=checkpoint, checkpoint_every=3)
+    for (name, a), b in zip(straight.vae.state_dict().items(), resumed.vae.state_dict().values()):
+        assert torch.equal(a, b), name
