@@ -156,6 +156,8 @@ class Difix3DUpdate:
         return plan
 
     def _fix(self, renders: Images, references: Tensor) -> Images:
+        if not isinstance(renders, Tensor) and len({render.shape for render in renders}) == 1:
+            renders = torch.stack(list(renders))
         if isinstance(renders, Tensor):
             return self.fixer(renders, references.to(renders.device))
         # Renders of different sizes (cameras of different intrinsics): one call each.

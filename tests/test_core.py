@@ -54,7 +54,7 @@ class FakeFixer:
 
     def __call__(self, images, references):
         self.calls.append((images.clone(), None if references is None else references.clone()))
-        return (images + references[:, 0]) / 2
+        return (images + references[:, 0, :1, :1]) / 2  # one reference pixel: any render size works
 
 
 def make_update(tmp_path, host=None, fixer=None, **overrides):
@@ -117,9 +117,9 @@ def test_pseudo_views_carry_fixed_image_mask_and_weight(tmp_path):
 def test_renders_of_different_sizes_are_fixed_one_by_one(tmp_path):
     host = FakeHost()
 
-    def render(poses, intrinsics_of):
+    def render(poses, intrinsics_of):  # as lists, one image 2 pixels narrower
         rgb, accumulation = host.render(poses, intrinsics_of)
-        return list(rgb), list(accumulation)
+        return [rgb[0, :, 2:], *rgb[1:]], [accumulation[0, :, 2:], *accumulation[1:]]
 
     fixer = FakeFixer()
     update = Difix3DUpdate(
