@@ -31,18 +31,23 @@ def run(*command: str | Path) -> str:
 
 
 def ns_train(scene: Path, output: Path, steps: int, *extra: str | Path) -> Path:
-    run(
+    output_text = run(
         BIN / "ns-train", METHOD, "--data", scene, "--output-dir", output, "--experiment-name", "test",
         "--timestamp", "run", "--machine.device-type", "cpu", "--vis", "tensorboard",
         "--max-num-iterations", steps, "--steps-per-eval-image", 10_000, "--steps-per-eval-batch", 10_000,
         "--steps-per-eval-all-images", 10_000, "--steps-per-save", 1000,
-        "--pipeline.datamanager.train-num-rays-per-batch", 512,
+        # Fewer rays and samples than nerfacto's defaults: its hash grid runs in plain PyTorch on the CPU.
+        "--pipeline.datamanager.train-num-rays-per-batch", 256,
+        "--pipeline.model.num-proposal-samples-per-ray", 32, 16, "--pipeline.model.num-nerf-samples-per-ray", 8,
+        "--pipeline.model.num-levels", 8, "--pipeline.model.max-res", 256,
         "--pipeline.model.eval-num-rays-per-chunk", 4096,
         "--pipeline.difix.model", "tiny",
-        "--pipeline.progressive.fix-start", 20, "--pipeline.progressive.steps-per-fix", 20,
+        "--pipeline.progressive.fix-start", 20, "--pipeline.progressive.steps-per-fix", 10,
         "--pipeline.progressive.pose-step", 0.15,
         *extra,
     )
+    if "--load-dir" in extra:
+        assert "Difix3D: resumed 1 rounds" in output_text
     return output / "test" / METHOD / "run"
 
 
@@ -52,7 +57,7 @@ def rounds(run_dir: Path) -> list:
 
 @pytest.mark.slow
 def test_nerfacto_rounds_render_eval_and_resume(tiny_scene: Path, tmp_path: Path):
-    run_dir = ns_train(tiny_scene, tmp_path / "first", 30)
+    run_dir = ns_train(tiny_scene, tmp_path / "first", 25)
     num_eval = len(list((tiny_scene / "images").glob("frame_eval_*")))
     assert [round_["step"] for round_ in rounds(run_dir)] == [20]
     assert len(rounds(run_dir)[0]["views"]) == num_eval
@@ -70,10 +75,8 @@ def test_nerfacto_rounds_render_eval_and_resume(tiny_scene: Path, tmp_path: Path
     for key in ("psnr", "ssim", "psnr_enhanced", "ssim_enhanced"):
         assert math.isfinite(results[key]), key
 
-    # Resumed at step 30 (nerfstudio counts --max-num-iterations from there): round 1 at step 40
-    # moves on from round 0's restored poses.
-    resumed = ns_train(tiny_scene, tmp_path / "resumed", 15, "--load-dir", run_dir / "nerfstudio_models")
-    after = rounds(resumed)
-    assert [round_["step"] for round_ in after] == [20, 40]
-    assert after[0]["views"] == rounds(run_dir)[0]["views"]
-    assert all(new["distance"] <= old["distance"] for new, old in zip(after[1]["views"], after[0]["views"]))
+    # Resumed at step 25 (nerfstudio counts --max-num-iterations from there): the round and its
+    # pseudo views come back (a round renders every target, so none is due before step 30 here;
+    # rounds after a resume are checked with difix3d-gs, which shares this pipeline code).
+    resumed = ns_train(tiny_scene, tmp_path / "resumed", 3, "--load-dir", run_dir / "nerfstudio_models")
+    assert rounds(resumed) == rounds(run_dir)
