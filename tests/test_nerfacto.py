@@ -80,3 +80,39 @@ def test_nerfacto_rounds_render_eval_and_resume(tiny_scene: Path, tmp_path: Path
     # rounds after a resume are checked with difix3d-gs, which shares this pipeline code).
     resumed = ns_train(tiny_scene, tmp_path / "resumed", 3, "--load-dir", run_dir / "nerfstudio_models")
     assert rounds(resumed) == rounds(run_dir)
+
+
+@pytest.mark.slow
+def test_pseudo_view_ray_batch_in_process(tiny_scene: Path, tmp_path: Path):
+    """A pseudo-view batch: rays of one pseudo view, inside its mask, with the 0.3 loss weight."""
+    import copy
+
+    import torch
+
+    from nerfstudio_plugin.config import difix3d_nerfacto
+
+    config = copy.deepcopy(difix3d_nerfacto.config)
+    config.data = config.pipeline.datamanager.data = tiny_scene
+    config.output_dir, config.machine.device_type, config.vis = tmp_path, "cpu", "tensorboard"
+    config.pipeline.datamanager.train_num_rays_per_batch = 64
+    model = config.pipeline.model
+    model.num_proposal_samples_per_ray, model.num_nerf_samples_per_ray = (16, 8), 8
+    model.num_levels, model.max_res, model.eval_num_rays_per_chunk = 4, 64, 8192
+    config.pipeline.difix.model = "tiny"
+    config.pipeline.progressive.fix_start, config.pipeline.progressive.pseudo_view_prob = 0, 1.0
+    config.set_timestamp()
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    pipeline = trainer.pipeline
+    pipeline.fix_round_if_due(0)
+
+    rays, batch = pipeline.datamanager.next_train(1)
+    assert rays.shape == (64,) and batch["image"].shape == (64, 3) and batch["loss_weight"] == 0.3
+    camera, rows, columns = batch["indices"].unbind(-1)
+    masks = [pipeline.update.updater.load_pseudo_view(i)[1] for i in range(len(pipeline.update.updater.pseudo_views))]
+    assert any(bool(mask[rows, columns].all()) for mask in masks)  # every ray inside one view's mask
+    outputs = pipeline.model(rays)
+    weighted = pipeline.model.get_loss_dict(outputs, batch, pipeline.model.get_metrics_dict(outputs, batch))["rgb_loss"]
+    plain = pipeline.model.get_loss_dict(outputs, {k: v for k, v in batch.items() if k != "loss_weight"},
+                                         pipeline.model.get_metrics_dict(outputs, batch))["rgb_loss"]
+    torch.testing.assert_close(weighted, plain * 0.3)
