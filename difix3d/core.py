@@ -89,12 +89,23 @@ class Enhancer:
         if config.num_refs > len(self.training_poses):
             raise Difix3DError(f"enhancer num_refs={config.num_refs} exceeds the {len(self.training_poses)} training cameras")
         self.training_images = training_images
+        # The last poses' references, on the render device: a viewer re-renders one camera many
+        # times (low-res, then settled; each training step), each time with the same references.
+        self._last: Optional[tuple[Tensor, Tensor]] = None
+
+    def references_for(self, camera_to_world: Tensor, device: torch.device) -> Tensor:
+        """The reference images [B, R, H, W, 3] of poses [B, 3, 4] on `device` (the last poses' are kept)."""
+        poses = as_pose(camera_to_world).detach().float().cpu()
+        if self._last is not None and self._last[0].shape == poses.shape and torch.equal(self._last[0], poses) and self._last[1].device == device:
+            return self._last[1]
+        indices, _ = nearest_poses(poses, self.training_poses, k=self.config.num_refs)
+        references = _to_float(self.training_images(indices.flatten())).unflatten(0, indices.shape).to(device)
+        self._last = (poses, references)
+        return references
 
     def enhance_batch(self, rgb: Tensor, camera_to_world: Tensor) -> Tensor:
         """Renders [B, H, W, 3] in [0, 1] at poses [B, 3, 4] -> enhanced renders [B, H, W, 3]."""
-        indices, _ = nearest_poses(as_pose(camera_to_world).detach().float().cpu(), self.training_poses, k=self.config.num_refs)
-        references = _to_float(self.training_images(indices.flatten())).unflatten(0, indices.shape)
-        return self.fixer(rgb, references.to(rgb.device))
+        return self.fixer(rgb, self.references_for(camera_to_world, rgb.device))
 
     def __call__(self, rgb: Tensor, camera_to_world: Tensor) -> Tensor:
         """One render [H, W, 3] at pose [3, 4] -> the enhanced render [H, W, 3]."""

@@ -8,7 +8,7 @@ Differences from nerfstudio's SplatfactoModel, and why:
   `difix3d.imagenet_weights`, never downloaded; where they are missing LPIPS is left out (logged);
 - pseudo-view batches carry a `mask` (applied by the parent) and a `loss_weight` (applied here);
 - `get_outputs_for_camera` adds `rgb_enhanced`: Difix on the render, referenced by the nearest
-  training image(s) — the "+" of Difix3D+. Training steps never pay for it.
+  training image(s) — the "+" of Difix3D+, computed only when read (`enhanced_outputs`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoMode
 
 from difix3d.metrics import LPIPSMetric
 from difix3d.rasterize import rasterization
+from nerfstudio_plugin.enhanced_outputs import with_enhanced
 
 # (rendered RGB [H, W, 3] in [0, 1], camera-to-world [3, 4]) -> enhanced RGB [H, W, 3]
 Enhancer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -138,7 +139,8 @@ class Difix3DGSModel(SplatfactoModel):
         outputs = super().get_outputs_for_camera(camera, obb_box)
         enhancer = self.__dict__.get("enhancer")
         if enhancer is not None and self.config.enhance_renders and not self.training:
-            outputs["rgb_enhanced"] = enhancer(outputs["rgb"], camera.camera_to_worlds[0].to(self.device))
+            pose = camera.camera_to_worlds[0]
+            outputs = with_enhanced(outputs, lambda: enhancer(outputs["rgb"], pose))
         return outputs
 
     def get_image_metrics_and_images(

@@ -22,6 +22,7 @@ from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
 from nerfstudio.utils import colormaps
 
 from difix3d.metrics import LPIPSMetric
+from nerfstudio_plugin.enhanced_outputs import with_enhanced
 
 # (rendered RGB [H, W, 3] in [0, 1], camera-to-world [3, 4]) -> enhanced RGB [H, W, 3]
 Enhancer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,7 +65,8 @@ class Difix3DNerfactoModel(NerfactoModel):
     def get_outputs_for_camera(self, camera: Cameras, obb_box: Optional[OrientedBox] = None) -> Dict[str, torch.Tensor]:
         outputs = super().get_outputs_for_camera(camera, obb_box)
         if self.enhancer is not None and self.config.enhance_renders and not self.training:
-            outputs["rgb_enhanced"] = self.enhancer(outputs["rgb"], camera.camera_to_worlds[0].to(self.device))
+            enhancer, pose = self.enhancer, camera.camera_to_worlds[0]
+            outputs = with_enhanced(outputs, lambda: enhancer(outputs["rgb"], pose))
         return outputs
 
     def get_image_metrics_and_images(

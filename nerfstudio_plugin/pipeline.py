@@ -97,9 +97,12 @@ class Difix3DPipeline(VanillaPipeline):
         settings = self.config.difix
         device = torch.device(settings.device or self.device)
         dtype = resolve_dtype(settings.dtype, device)
-        difix = load_difix(settings.model, device="cpu" if settings.offload else device, dtype=dtype, base=settings.base)
-        CONSOLE.log(f"Difix: {settings.model} on {device} ({dtype}){', offloaded between rounds' if settings.offload else ''}")
-        return DifixFixer(difix, device=device, offload=settings.offload)
+        # Offloading saves memory for training between fix rounds; ns-viewer, ns-render and ns-eval
+        # (test_mode "test"/"inference") keep Difix on the device rather than move it every frame.
+        offload = settings.offload and self.test_mode == "val"
+        difix = load_difix(settings.model, device="cpu" if offload else device, dtype=dtype, base=settings.base)
+        CONSOLE.log(f"Difix: {settings.model} on {device} ({dtype}){', offloaded between rounds' if offload else ''}")
+        return DifixFixer(difix, device=device, offload=offload)
 
     # -- the progressive update ----------------------------------------------------------------
 

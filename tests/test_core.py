@@ -183,3 +183,14 @@ def test_difix_fixer_runs_channels_last(tmp_path):
     fixed = fixer(images, references)
     assert fixed.shape == images.shape and fixed.min() >= 0 and fixed.max() <= 1
     assert fixer.difix.device.type == "cpu"
+
+
+def test_enhancer_chooses_references_once_per_camera():
+    host, fixer = FakeHost(), FakeFixer()
+    loaded = []
+    enhancer = Enhancer(EnhancerConfig(), fixer, TRAINING, lambda indices: loaded.append(indices) or host.training_images(indices))
+    rgb = torch.full((HEIGHT, WIDTH, 3), 0.5)
+    for pose in (TRAINING[5], TRAINING[5].clone(), TRAINING[2]):
+        enhancer(rgb, pose)
+    assert [indices.tolist() for indices in loaded] == [[5], [2]]  # the repeated camera reused its references
+    assert len(fixer.calls) == 3
