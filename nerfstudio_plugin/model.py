@@ -26,6 +26,10 @@ from difix3d.metrics import LPIPSMetric
 from difix3d.rasterize import rasterization
 from nerfstudio_plugin.enhanced_outputs import with_enhanced
 
+# nerfstudio compiles get_viewmat; the viewer interrupts a render by raising from a trace hook, which
+# inside compiled code becomes an internal dynamo error that kills the viewer's render thread.
+viewmat_of = getattr(get_viewmat, "__wrapped__", get_viewmat)
+
 # (rendered RGB [H, W, 3] in [0, 1], camera-to-world [3, 4]) -> enhanced RGB [H, W, 3]
 Enhancer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -100,7 +104,7 @@ class Difix3DGSModel(SplatfactoModel):
             scales=torch.exp(params["scales"]),
             opacities=torch.sigmoid(params["opacities"]).squeeze(-1),
             colors=colours,
-            viewmats=get_viewmat(camera_to_world),
+            viewmats=viewmat_of(camera_to_world),
             Ks=intrinsics,
             width=width,
             height=height,
