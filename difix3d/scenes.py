@@ -257,15 +257,8 @@ class ProceduralScene:
         half, top = self.layout.room_half_size, self.layout.room_height
         if not (abs(origin[0]) < half and abs(origin[1]) < half and 0 < origin[2] < top):
             raise Difix3DError(f"camera centre {origin.tolist()} is outside the room (|x|, |y| < {half}, 0 < z < {top})")
-        # Many small element-wise ops: intra-op threads gain little here and, on a machine whose
-        # cores are busy, cost up to 10x in waiting. The setting is restored afterwards.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            rgb = self._render_rgb(rotation, origin, intrinsics, supersample)
-            _, depth, _ = self._trace(origin, self._ray_directions(rotation, intrinsics, 1).reshape(-1, 3))
-        finally:
-            torch.set_num_threads(threads)
+        rgb = self._render_rgb(rotation, origin, intrinsics, supersample)
+        _, depth, _ = self._trace(origin, self._ray_directions(rotation, intrinsics, 1).reshape(-1, 3))
         return Render(rgb.numpy(), depth.reshape(intrinsics.height, intrinsics.width).numpy())
 
     @staticmethod

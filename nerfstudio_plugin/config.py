@@ -14,7 +14,6 @@ from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
-from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from difix3d.progressive import ProgressiveConfig
@@ -22,6 +21,7 @@ from nerfstudio_plugin.datamanager import Difix3DDatamanagerConfig, Difix3DRayDa
 from nerfstudio_plugin.model import Difix3DGSModelConfig
 from nerfstudio_plugin.nerfacto import Difix3DNerfactoModelConfig
 from nerfstudio_plugin.pipeline import Difix3DNerfactoPipelineConfig, Difix3DPipelineConfig
+from nerfstudio_plugin.trainer import Difix3DTrainerConfig
 
 # The paper's schedule: a 3DGS reconstruction of 30k steps, then fine-tuning to 60k with a fix round
 # every 2k steps. Starting from a stock splatfacto checkpoint (--load-checkpoint) skips the first half.
@@ -55,7 +55,7 @@ def splatfacto_optimizers(max_steps: int = MAX_STEPS) -> dict:
 
 
 difix3d_gs = MethodSpecification(
-    config=TrainerConfig(
+    config=Difix3DTrainerConfig(
         method_name="difix3d-gs",
         steps_per_eval_image=500,
         steps_per_eval_batch=0,
@@ -102,7 +102,7 @@ def nerfacto_optimizers() -> dict:
 
 
 difix3d_nerfacto = MethodSpecification(
-    config=TrainerConfig(
+    config=Difix3DTrainerConfig(
         method_name="difix3d-nerfacto",
         steps_per_eval_image=500,
         steps_per_eval_batch=500,

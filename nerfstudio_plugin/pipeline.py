@@ -64,10 +64,6 @@ class Difix3DPipelineConfig(VanillaPipelineConfig):
     # existed still loads, the class attribute standing in for the missing field.
     enhancer: EnhancerConfig = EnhancerConfig()
     """Difix3D+: the final renders (`rgb_enhanced`) fixed by Difix."""
-    cpu_threads: int = 1
-    """PyTorch threads when running on the CPU (0: PyTorch's default). Splatting small images is
-    many small operations, where threads cost more than they give: on 2 cores, 200 steps at 160x120
-    took 31 s with 1 thread and 120 s with 2 while another process was running."""
 
 
 class Difix3DPipeline(VanillaPipeline):
@@ -78,8 +74,6 @@ class Difix3DPipeline(VanillaPipeline):
     def __init__(self, config: Difix3DPipelineConfig, device: str, *args: Any, **kwargs: Any) -> None:
         config.progressive.validate()
         config.enhancer.validate()
-        if torch.device(device).type == "cpu" and config.cpu_threads > 0:
-            torch.set_num_threads(config.cpu_threads)
         super().__init__(config, device, *args, **kwargs)
         self.training_poses = self.datamanager.train_dataset.cameras.camera_to_worlds.float().cpu()
         self.update: Optional[Difix3DUpdate] = None

@@ -554,8 +554,9 @@ def check_work_settings(bench: BenchQuality) -> None:
 def main(bench: BenchQuality) -> dict:
     bench = bench.resolved()
     check_work_settings(bench)
-    if bench.threads:
-        torch.set_num_threads(bench.threads)
+    from difix3d.runtime import configure_cpu_runtime
+
+    configure_cpu_runtime(bench.threads)
     command = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
     train_scenes, eval_scenes = build_scenes(bench)

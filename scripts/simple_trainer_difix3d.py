@@ -43,6 +43,7 @@ from difix3d.model_ids import DEFAULT_BASE
 from difix3d.poses import to_homogeneous
 from difix3d.progressive import ProgressiveConfig, select_targets
 from difix3d.rasterize import rasterization
+from difix3d.runtime import configure_cpu_runtime
 from difix3d.sfm import camera_to_world
 
 SH_C0 = 0.28209479177387814  # degree-0 spherical-harmonics constant: colour = SH_C0 * sh0 + 0.5
@@ -477,8 +478,8 @@ def main() -> None:
 
             cli(_distributed_worker, config, verbose=True)
             return
-        if resolve_device(config.device).type == "cpu" and config.cpu_threads > 0:
-            torch.set_num_threads(config.cpu_threads)
+        if resolve_device(config.device).type == "cpu":
+            configure_cpu_runtime(config.cpu_threads)
         train(config)
     except Difix3DError as error:
         raise SystemExit(f"error: {error}") from None

@@ -166,7 +166,9 @@ def _shard_suffix(settings: Settings) -> str:
 
 
 def main(settings: Settings) -> None:
-    torch.set_num_threads(1)  # an entry point: one thread is fastest on a shared 2-core machine
+    from difix3d.runtime import configure_cpu_runtime
+
+    configure_cpu_runtime(1)  # one thread is fastest on a shared 2-core machine
     if "scenes" in settings.stages:
         build_scenes(settings)
     if "pairs" in settings.stages:
