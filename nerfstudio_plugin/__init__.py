@@ -5,6 +5,12 @@ ns-eval import it while reading a run's config.yml) makes nerfstudio's checkpoin
 torch's `weights_only` default.
 """
 
+# nerfstudio's method table first: importing it discovers the plugins, which imports
+# `nerfstudio_plugin.config`, whose methods copy that table's optimizers. Imported from here, the
+# table is complete by then whichever module was imported first (`import nerfstudio_plugin.config`
+# started from config.py itself would meet it half-imported).
+import nerfstudio.configs.method_configs  # noqa: F401  (isort: skip)
+
 from nerfstudio_plugin.checkpoints import allow_nerfstudio_checkpoint_globals
 
 allow_nerfstudio_checkpoint_globals()

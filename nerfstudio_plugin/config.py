@@ -7,13 +7,14 @@ lists them once the package is installed.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Optional
 
 from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
 from nerfstudio.configs.base_config import ViewerConfig
+from nerfstudio.configs.method_configs import method_configs  # complete here: see __init__.py
 from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
-from nerfstudio.engine.optimizers import AdamOptimizerConfig
-from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from difix3d.progressive import ProgressiveConfig
@@ -28,30 +29,14 @@ from nerfstudio_plugin.trainer import Difix3DTrainerConfig
 MAX_STEPS = 60_000
 
 
-def splatfacto_optimizers(max_steps: int = MAX_STEPS) -> dict:
-    """Splatfacto's per-parameter optimizers (nerfstudio 1.1.5 values), so a splatfacto checkpoint's
-    optimizer state loads into this method unchanged."""
-
-    def adam(lr: float) -> AdamOptimizerConfig:
-        return AdamOptimizerConfig(lr=lr, eps=1e-15)
-
-    return {
-        "means": {
-            "optimizer": adam(1.6e-4),
-            "scheduler": ExponentialDecaySchedulerConfig(lr_final=1.6e-6, max_steps=max_steps),
-        },
-        "features_dc": {"optimizer": adam(0.0025), "scheduler": None},
-        "features_rest": {"optimizer": adam(0.0025 / 20), "scheduler": None},
-        "opacities": {"optimizer": adam(0.05), "scheduler": None},
-        "scales": {"optimizer": adam(0.005), "scheduler": None},
-        "quats": {"optimizer": adam(0.001), "scheduler": None},
-        "camera_opt": {
-            "optimizer": adam(1e-4),
-            "scheduler": ExponentialDecaySchedulerConfig(
-                lr_final=5e-7, max_steps=max_steps, warmup_steps=1000, lr_pre_warmup=0
-            ),
-        },
-    }
+def upstream_optimizers(method: str, max_steps: Optional[int] = None) -> dict:
+    """A copy of nerfstudio's own optimizer table for `method` (so its checkpoints' optimizer state loads
+    here unchanged), with every learning-rate schedule stretched to `max_steps` when given."""
+    optimizers = copy.deepcopy(method_configs[method].optimizers)
+    for group in optimizers.values():
+        if max_steps is not None and group["scheduler"] is not None:
+            group["scheduler"].max_steps = max_steps
+    return optimizers
 
 
 difix3d_gs = MethodSpecification(
@@ -74,31 +59,12 @@ difix3d_gs = MethodSpecification(
             ),
             model=Difix3DGSModelConfig(),
         ),
-        optimizers=splatfacto_optimizers(),
+        optimizers=upstream_optimizers("splatfacto", max_steps=MAX_STEPS),
         viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
         vis="viewer",
     ),
     description="Difix3D+: 3DGS (Splatfacto) with progressive Difix pseudo-views and enhanced renders.",
 )
-
-
-def nerfacto_optimizers() -> dict:
-    """Nerfacto's optimizers (nerfstudio 1.1.5 values), so a nerfacto checkpoint's optimizer state
-    loads into this method unchanged."""
-    return {
-        "proposal_networks": {
-            "optimizer": AdamOptimizerConfig(lr=1e-2, eps=1e-15),
-            "scheduler": ExponentialDecaySchedulerConfig(lr_final=0.0001, max_steps=200000),
-        },
-        "fields": {
-            "optimizer": AdamOptimizerConfig(lr=1e-2, eps=1e-15),
-            "scheduler": ExponentialDecaySchedulerConfig(lr_final=0.0001, max_steps=200000),
-        },
-        "camera_opt": {
-            "optimizer": AdamOptimizerConfig(lr=1e-3, eps=1e-15),
-            "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=5000),
-        },
-    }
 
 
 difix3d_nerfacto = MethodSpecification(
@@ -124,7 +90,7 @@ difix3d_nerfacto = MethodSpecification(
             # The reference release's NeRF method draws a pseudo view for 40% of the batches.
             progressive=ProgressiveConfig(pseudo_view_prob=0.4),
         ),
-        optimizers=nerfacto_optimizers(),
+        optimizers=upstream_optimizers("nerfacto"),
         viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
         vis="viewer",
     ),

@@ -59,6 +59,29 @@ def test_ns_train_lists_the_method():
     assert "difix3d-gs" in run(BIN / "ns-train", "--help")
 
 
+def test_splatfacto_optimizers_are_nerfstudios_own_with_our_schedule():
+    from nerfstudio.configs.method_configs import method_configs
+
+    from nerfstudio_plugin.config import MAX_STEPS, difix3d_gs, difix3d_nerfacto
+
+    ours, upstream = difix3d_gs.config.optimizers, method_configs["splatfacto"].optimizers
+    assert ours.keys() == upstream.keys() and "bilateral_grid" in ours
+    for name, group in ours.items():
+        assert group["optimizer"] == upstream[name]["optimizer"], name
+        if group["scheduler"] is not None:
+            assert group["scheduler"].max_steps == MAX_STEPS, name
+    assert method_configs["splatfacto"].optimizers["means"]["scheduler"].max_steps == 30_000  # upstream untouched
+    assert difix3d_nerfacto.config.optimizers == method_configs["nerfacto"].optimizers
+
+
+@pytest.mark.slow
+def test_bilateral_grid_trains(tiny_scene: Path, tmp_path: Path):
+    run_dir = ns_train(tiny_scene, tmp_path / "outputs", 3, "--pipeline.model.use-bilateral-grid", "True")
+    (checkpoint,) = (run_dir / "nerfstudio_models").iterdir()
+    optimizers = torch.load(checkpoint, map_location="cpu", weights_only=False)["optimizers"]
+    assert optimizers["bilateral_grid"]["state"], "the bilateral grid was not optimised"
+
+
 @pytest.mark.slow
 def test_train_render_eval(tiny_scene: Path, tmp_path: Path):
     run_dir = ns_train(tiny_scene, tmp_path / "outputs", 300)
