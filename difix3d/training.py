@@ -53,6 +53,7 @@ from difix3d.images import load_image, save_image
 from difix3d.losses import GRAM_LAYER_WEIGHTS, DifixLoss, LossTerms
 from difix3d.imagenet_weights import describe, find_imagenet_weights
 from difix3d.metrics import LPIPSMetric, psnr, ssim
+from difix3d.model_ids import DEFAULT_BASE
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ class TrainConfig:
     """Output folder: checkpoints, evaluation grids, TensorBoard logs, final model and model card."""
     model: str = "nvidia/difix_ref"
     """Starting model: a hub id, a difix3d folder, a release .pkl, or "tiny" (random, for tests)."""
-    base_model: str = "stabilityai/sd-turbo"
-    """Only for a release .pkl: the base model (hub id or folder) its weights apply to."""
+    base: Annotated[str, tyro.conf.arg(aliases=("--base-model",))] = DEFAULT_BASE
+    """Only for a release .pkl: the SD-Turbo (hub id or folder) its weights apply to (`--base`, as in
+    `difix3d fix`; `--base-model` is its old name)."""
     steps: int = 10_000
     """Total optimizer steps (with --resume: the step to stop at, counted from the start)."""
     batch_size: int = 1
@@ -352,7 +354,7 @@ class DifixTrainer:
 
         from difix3d.checkpoint import load_difix
 
-        model = load_difix(config.model, device=self.device, dtype=torch.float32, base=config.base_model)
+        model = load_difix(config.model, device=self.device, dtype=torch.float32, base=config.base)
         if self.splits["train"][0].ref is not None and not model.config.reference_views:
             # The saved model must say it now uses references (its config records how it was trained).
             logger.info("%s was trained without reference views; this training adds them", config.model)

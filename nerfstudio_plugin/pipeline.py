@@ -21,6 +21,7 @@ from difix3d.checkpoint import load_difix
 from difix3d.core import Difix3DUpdate, Enhancer, EnhancerConfig
 from difix3d.devices import DtypeName, resolve_dtype
 from difix3d.fixer import DifixFixer
+from difix3d.model_ids import DEFAULT_BASE
 from difix3d.progressive import ProgressiveConfig, select_targets
 from nerfstudio_plugin.datamanager import (
     Difix3DDatamanager,
@@ -39,7 +40,7 @@ class DifixSettings:
     model: str = "nvidia/difix_ref"
     """A hub id, a folder written by `difix3d` (save_pretrained), a reference-release `.pkl`, or `tiny`
     (a small randomly initialised Difix, for tests only)."""
-    base: str = "stabilityai/sd-turbo"
+    base: str = DEFAULT_BASE
     """The SD-Turbo (hub id or folder) a reference-release `.pkl` is applied on."""
     device: Optional[str] = None
     """Device for Difix; default: the pipeline's device."""
