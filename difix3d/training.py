@@ -204,11 +204,9 @@ def load_dataset(path: Path) -> dict[str, list[Pair]]:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        shape = iio.improps(path).shape
-    except Exception as error:  # imageio raises many types for unreadable files
-        raise Difix3DError(f"cannot read image {path}: {error}") from None
-    return int(shape[0]), int(shape[1])
+    # Decoded in full, not just its header: a truncated or foreign file fails here, before training.
+    height, width = load_image(path).shape[:2]
+    return int(height), int(width)
 
 
 def _check_aspect(pair: Pair, other: Path, other_size: tuple[int, int]) -> None:
