@@ -157,7 +157,7 @@ def test_unreadable_image_fails_before_training(dataset, tmp_path, damage):
         data = source.read_bytes()
         broken.write_bytes(data[: len(data) * 2 // 3])
     pair["target_image"] = str(broken)
-    bad = tmp_path / "bad.json"
+    bad = dataset.parent / f"unreadable_{damage.replace(' ', '_')}.json"  # paths in it are relative to it
     bad.write_text(json.dumps(content))
     output = tmp_path / "never"
     difix3d = str(Path(sys.executable).parent / "difix3d")
