@@ -62,7 +62,7 @@ class TrainConfig:
     output: Path
     """Output folder: checkpoints, evaluation grids, TensorBoard logs, final model and model card."""
     model: str = "nvidia/difix_ref"
-    """Starting model: a hub id, a difix3d folder, a release .pkl, or "tiny" (random, for tests)."""
+    """Starting model: a hub id, a difix3d folder, a release .pkl, or "random-tiny-architecture" (random, for tests)."""
     base_model: str = "stabilityai/sd-turbo"
     """Only for a release .pkl: the base model (hub id or folder) its weights apply to."""
     steps: int = 10_000

@@ -116,13 +116,25 @@ def test_fix_refuses_random_weights(renders, tmp_path) -> None:
     assert load_difix("random-tiny-architecture").config.architecture == "tiny"
 
 
-def test_same_stem_inputs_are_refused(tmp_path, capsys) -> None:
+def _fix_command_error(*args: str) -> str:
+    """`difix3d fix ARGS` as a user runs it; its one-line error."""
+    import subprocess
+    import sys
+
+    difix3d = str(Path(sys.executable).parent / "difix3d")
+    result = subprocess.run([difix3d, "fix", "--device", "cpu", *args], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("difix3d: error: ") and result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+def test_same_stem_inputs_are_refused(tmp_path) -> None:
     """Issue 14 case 3: a.png and a.jpg both became a.png and one was never fixed."""
     folder = tmp_path / "renders"
     folder.mkdir()
     iio.imwrite(folder / "a.png", np.zeros((16, 16, 3), dtype=np.uint8))
     iio.imwrite(folder / "a.jpg", np.zeros((16, 16, 3), dtype=np.uint8))
-    error = _cli_error(capsys, "--input", str(folder), "--output", str(tmp_path / "out"))
+    error = _fix_command_error("--input", str(folder), "--output", str(tmp_path / "out"))
     assert "a.jpg and a.png" in error and "a.png" in error
     assert not (tmp_path / "out").exists()
 
@@ -130,8 +142,9 @@ def test_same_stem_inputs_are_refused(tmp_path, capsys) -> None:
 def test_output_never_replaces_inputs_or_references(renders, tmp_path, capsys) -> None:
     """Issue 14 case 3: --output equal to --input with --overwrite replaced the originals."""
     before = {path.name: path.read_bytes() for path in renders.iterdir()}
+    error = _fix_command_error("--input", str(renders), "--output", str(renders), "--overwrite")
+    assert "would overwrite the input or reference images" in error
     for args in (
-        ("--input", str(renders), "--output", str(renders), "--overwrite"),
         ("--input", str(renders / "frame_2.png"), "--output", str(renders), "--overwrite"),
         ("--input", str(tmp_path / "renders" / "frame_2.png"), "--ref", str(renders), "--output", str(renders)),
     ):

@@ -182,11 +182,11 @@ def test_eval_without_held_out_views_and_render_without_difix(tiny_scene, tmp_pa
         (("--pipeline.progressive.steps-per-fix", "0"), "--pipeline.progressive.steps-per-fix must be >= 1"),
         (("--pipeline.progressive.num-refs", "99"), "--pipeline.progressive.num-refs 99 is more than the 12 training images"),
         (("--pipeline.difix.model", "nvidia/difix_ref"), "--pipeline.difix.model DIFIX3D_EMBEDDED"),
-        (("--pipeline.difix.model", "no/such-model-here"), "--pipeline.difix.model no/such-model-here: cannot get"),
         (("--pipeline.difix.model", "sd-turbo"), "random-sd-turbo-architecture"),
     ],
-    ids=["steps_per_fix 0", "num_refs too large", "offline default model", "bad model", "architecture name"],
+    ids=["steps_per_fix 0", "num_refs too large", "offline default model", "architecture name"],
 )
+@pytest.mark.slow  # no training, but starting ns-train took 80 s on the shared 2-core machine
 def test_project_errors_in_ns_train_are_one_line(tiny_scene, tmp_path, flags, expected):
     """Case 9: this project's errors inside ns-train arrived as 25-line tracebacks naming difix3d fix's flag."""
     from difix3d.model_ids import EMBEDDED_DIFIX
@@ -239,9 +239,11 @@ def test_split_follows_the_image_names(tiny_scene, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_readme_ns_train_exits_on_a_headless_machine(tiny_scene, tmp_path):
-    """Case 11: with the viewer (nerfstudio's default --vis) ns-train never exited after training."""
+    """Case 11: with the viewer (nerfstudio's default --vis) ns-train never exited after training;
+    and case 12 through ns-train: a user's scene whose image names carry no train/eval."""
+    own = copy_scene(tiny_scene, tmp_path / "own", lambda name: "IMG_" + name[-8:-4] + name[6:10] + ".png")
     result = command(
-        BIN / "ns-train", "difix3d-gs", "--data", tiny_scene, "--output-dir", tmp_path, "--machine.device-type", "cpu",
+        BIN / "ns-train", "difix3d-gs", "--data", own, "--output-dir", tmp_path / "outputs", "--machine.device-type", "cpu",
         "--max-num-iterations", "2", "--pipeline.difix.enabled", "False", *QUICK, timeout=600,
     )
-    succeeded(result)
+    assert "interval split" in succeeded(result)
