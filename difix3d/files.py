@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,8 @@ def atomic_open(path: str | os.PathLike, temporary_folder: str | os.PathLike | N
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(temporary_folder or path.parent) / f".{path.name}.{os.getpid()}.tmp"
+    # Host and process in the name: writers on several nodes of a shared file system never collide.
+    temporary = Path(temporary_folder or path.parent) / f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp"
     try:
         with open(temporary, "wb") as file:
             yield file

@@ -90,7 +90,15 @@ _TINY_VAE = {
     "sample_size": 64,
     "scaling_factor": 0.18215,
 }
-NAMED_ARCHITECTURES = {"sd-turbo": (_SD_TURBO_UNET, _SD_TURBO_VAE), "tiny": (_TINY_UNET, _TINY_VAE)}
+# Between the two (4.5M parameters, 18 MB): the embedded Difix's architecture, trained from scratch
+# on the CPU (scripts/train_embedded_difix.py); twice tiny's width everywhere, two UNet levels.
+_SMALL_UNET = {**_TINY_UNET, "block_out_channels": [64, 128]}
+_SMALL_VAE = {**_TINY_VAE, "block_out_channels": [32, 64, 64, 64]}
+NAMED_ARCHITECTURES = {
+    "sd-turbo": (_SD_TURBO_UNET, _SD_TURBO_VAE),
+    "small": (_SMALL_UNET, _SMALL_VAE),
+    "tiny": (_TINY_UNET, _TINY_VAE),
+}
 
 
 @dataclass
@@ -114,7 +122,7 @@ class DifixConfig:
 
     @classmethod
     def named(cls, name: str) -> DifixConfig:
-        """The config of a named architecture: "sd-turbo" (SD 2.1 layout) or "tiny"."""
+        """The config of a named architecture: "sd-turbo" (SD 2.1 layout), "small" or "tiny"."""
         if name not in NAMED_ARCHITECTURES:
             raise Difix3DError(f"unknown Difix architecture {name!r}; known: {', '.join(NAMED_ARCHITECTURES)}")
         unet, vae = NAMED_ARCHITECTURES[name]

@@ -12,6 +12,9 @@ DEFAULT_BASE = "stabilityai/sd-turbo"
 # nothing but those scenes: name `nvidia/difix_ref` for photographs.
 EMBEDDED_DIFIX = str(Path(__file__).resolve().parent / "assets" / "difix-tiny-procedural")
 
+PROMPT = "remove degradation"
+"""Difix's fixed text prompt (the release's)."""
+
 # Random weights are only ever built from these explicit names ("random-tiny-architecture",
 # "random-sd-turbo-architecture"): a bare architecture name ("sd-turbo") must never give noise.
 RANDOM_PREFIX, RANDOM_SUFFIX = "random-", "-architecture"
