@@ -119,6 +119,11 @@ class DifixConfig:
     lora_target_modules: list[str] | None = None  # VAE module names; None: every decoder conv/attention + skips
     skip_init: float = 1e-5
     gamma: float = 1.0  # scale of the skip connections
+    ignore_skip: bool = False  # the release's switch: True decodes without the skip connections
+    # Trained with reference views (Difix-ref: joint self-attention over target and references).
+    # False (nvidia/difix): given references, the target is fixed alone, as if each view were
+    # processed independently -- what the reference release's plain UNet does.
+    reference_views: bool = True
 
     @classmethod
     def named(cls, name: str) -> DifixConfig:
@@ -217,6 +222,7 @@ class Difix(nn.Module):
         self._x0_scale = 1.0 / math.sqrt(abar.item())
         self.gamma = config.gamma
         self.gradient_checkpointing = False
+        self._logged: set[str] = set()
         self.reset_adapters()
         self._freeze()
 
@@ -317,9 +323,15 @@ class Difix(nn.Module):
         hidden = decoder.conv_in(hidden)
         hidden = self._maybe_checkpoint(decoder.mid_block, hidden)
         for block, skip_conv, skip in zip(decoder.up_blocks, self.skip_convs(), reversed(skips)):
-            hidden = hidden + skip_conv(skip) * self.gamma
+            if not self.config.ignore_skip:
+                hidden = hidden + skip_conv(skip) * self.gamma
             hidden = self._maybe_checkpoint(block, hidden)
         return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(hidden)))
+
+    def _log_once(self, level: int, message: str) -> None:
+        if message not in self._logged:
+            self._logged.add(message)
+            logger.log(level, message, self.config.architecture)
 
     def _maybe_checkpoint(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -328,9 +340,21 @@ class Difix(nn.Module):
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """Views [B,V,3,H,W] in [-1,1] (view 0 the target, then references; H, W multiples of 8)
-        -> the fixed target [B,3,H,W], clamped to [-1,1]. Differentiable (for training)."""
+        -> the fixed target [B,3,H,W], clamped to [-1,1]. Differentiable (for training).
+
+        A model trained without references (`config.reference_views` False) fixes the target alone:
+        its references are dropped (logged once), which gives what processing every view
+        independently gives, at a fraction of the cost."""
         if views.ndim != 5 or views.shape[2] != 3:
             raise Difix3DError(f"Difix expects views [B,V,3,H,W], got {list(views.shape)}")
+        if views.shape[1] > 1 and not self.config.reference_views:
+            self._log_once(
+                logging.WARNING,
+                "this Difix (%s) was trained without reference views: references are ignored, each target is fixed alone",
+            )
+            views = views[:, :1]
+        elif views.shape[1] == 1 and self.config.reference_views:
+            self._log_once(logging.INFO, "this Difix (%s) was trained with reference views and runs without one")
         batch, num_views, _, height, width = views.shape
         if height % 8 or width % 8:
             raise Difix3DError(f"Difix.forward needs H and W multiples of 8, got {height}x{width} (fix() pads)")

@@ -351,6 +351,10 @@ class DifixTrainer:
         from difix3d.checkpoint import load_difix
 
         model = load_difix(config.model, device=self.device, dtype=torch.float32, base=config.base_model)
+        if self.splits["train"][0].ref is not None and not model.config.reference_views:
+            # The saved model must say it now uses references (its config records how it was trained).
+            logger.info("%s was trained without reference views; this training adds them", config.model)
+            model.config.reference_views = True
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.trainable_names = _trainable_names(model)

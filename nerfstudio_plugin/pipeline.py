@@ -138,7 +138,8 @@ class Difix3DPipeline(VanillaPipeline):
         if self.config.difix.offload:
             self.difix.to(self._difix_device())
         try:
-            fixed = self.difix.fix(images.permute(0, 3, 1, 2), references.permute(0, 1, 4, 2, 3).to(images.device))
+            refs = references.permute(0, 1, 4, 2, 3).to(images.device) if self.difix.config.reference_views else None
+            fixed = self.difix.fix(images.permute(0, 3, 1, 2), refs)
         finally:
             if self.config.difix.offload:
                 self.difix.to("cpu")
