@@ -212,7 +212,7 @@ class Difix(nn.Module):
             target_modules=list(config.lora_target_modules),
         )
         self.vae.add_adapter(lora, adapter_name=LORA_ADAPTER)
-        self.view_attention = install_multiview_attention(self.unet)
+        install_multiview_attention(self.unet)
         cross_dim = self.unet.config.cross_attention_dim
         self.register_buffer("prompt_embeds", torch.zeros(1, config.prompt_length, cross_dim))
 
@@ -308,10 +308,13 @@ class Difix(nn.Module):
 
     def denoise(self, latents: torch.Tensor, num_views: int) -> torch.Tensor:
         """One UNet step at `config.timestep`: noisy latents [(B V),C,h,w] -> x0 prediction."""
-        self.view_attention.num_views = num_views
+        # Processors a user set on the UNet since construction get wrapped too (a no-op otherwise).
+        install_multiview_attention(self.unet)
         timestep = torch.full((latents.shape[0],), self.config.timestep, device=latents.device, dtype=torch.long)
         prompt = self.prompt_embeds.expand(latents.shape[0], -1, -1)
-        eps = self.unet(latents, timestep, encoder_hidden_states=prompt).sample
+        eps = self.unet(
+            latents, timestep, encoder_hidden_states=prompt, cross_attention_kwargs={"num_views": num_views}
+        ).sample
         return (latents - self._x0_eps_scale * eps) * self._x0_scale
 
     def decode(self, latents: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:

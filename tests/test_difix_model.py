@@ -4,6 +4,7 @@ API, saving/loading (difix3d folder, diffusers folder, release .pkl, hub errors)
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 
@@ -15,6 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from difix3d.attention import MultiViewAttnProcessor
 from difix3d.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_difix, save_release_checkpoint
 from difix3d.errors import Difix3DError
 from difix3d.model import Difix, DifixConfig, skip_channels
@@ -76,6 +78,28 @@ def test_single_view_processor_equals_default(difix: Difix) -> None:
         assert torch.equal(difix.denoise(latents, 1), default.denoise(latents, 1))
         # With two views, the views now see each other.
         assert not torch.allclose(difix.denoise(latents, 2), default.denoise(latents, 1))
+
+
+def test_views_per_call_and_user_processors_kept(difix: Difix) -> None:
+    class Counting(AttnProcessor2_0):
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            Counting.calls += 1
+            return super().__call__(*args, **kwargs)
+
+    model = copy.deepcopy(difix)
+    model.unet.set_attn_processor(Counting())  # a user's processor, set after Difix was built
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        one = model.denoise(latents, 1)
+        two = model.denoise(latents.repeat(2, 1, 1, 1), 2)  # two identical views attend like one
+    assert Counting.calls > 0
+    processors = model.unet.attn_processors.values()
+    assert all(isinstance(p, MultiViewAttnProcessor) and isinstance(p.inner, Counting) for p in processors)
+    # Every layer accepts the view count, so diffusers drops and warns about nothing.
+    assert all("num_views" in inspect.signature(p.__call__).parameters for p in processors)
+    torch.testing.assert_close(two, one.repeat(2, 1, 1, 1), atol=1e-5, rtol=1e-5)
 
 
 def test_reference_changes_target_and_order_does_not_matter(trained: Difix) -> None:
