@@ -13,8 +13,6 @@ image data stays on disk, never in the state.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -25,6 +23,7 @@ import torch
 from torch import Tensor
 
 from difix3d.errors import Difix3DError
+from difix3d.files import atomic_write_bytes
 from difix3d.poses import (
     as_pose,
     interpolate_trajectory,
@@ -66,21 +65,29 @@ class ProgressiveConfig:
     target_camera_path: Optional[Path] = None
     """Nerfstudio camera-path JSON whose cameras are the targets, used when there are no eval cameras."""
 
-    def validate(self) -> None:
-        """Raise `Difix3DError` naming the first knob outside its range."""
+    def validate(self, flag_prefix: str = "") -> None:
+        """Raise `Difix3DError` naming the first knob outside its range; with `flag_prefix` (e.g.
+        "--pipeline.progressive.") knobs are named as that command's flags."""
+
+        def name(knob: str) -> str:
+            return f"{flag_prefix}{knob.replace('_', '-')}" if flag_prefix else knob
+
         checks = [
-            (self.fix_start >= 0, f"fix_start must be >= 0, got {self.fix_start}"),
-            (self.steps_per_fix >= 1, f"steps_per_fix must be >= 1, got {self.steps_per_fix}"),
-            (self.pose_step > 0, f"pose_step must be > 0, got {self.pose_step}"),
-            (self.num_refs >= 1, f"num_refs must be >= 1, got {self.num_refs}"),
-            (0 <= self.pseudo_view_prob <= 1, f"pseudo_view_prob must be in [0, 1], got {self.pseudo_view_prob}"),
+            (self.fix_start >= 0, f"{name('fix_start')} must be >= 0, got {self.fix_start}"),
+            (self.steps_per_fix >= 1, f"{name('steps_per_fix')} must be >= 1, got {self.steps_per_fix}"),
+            (self.pose_step > 0, f"{name('pose_step')} must be > 0, got {self.pose_step}"),
+            (self.num_refs >= 1, f"{name('num_refs')} must be >= 1, got {self.num_refs}"),
+            (
+                0 <= self.pseudo_view_prob <= 1,
+                f"{name('pseudo_view_prob')} must be in [0, 1], got {self.pseudo_view_prob}",
+            ),
             (
                 self.pseudo_view_loss_weight >= 0,
-                f"pseudo_view_loss_weight must be >= 0, got {self.pseudo_view_loss_weight}",
+                f"{name('pseudo_view_loss_weight')} must be >= 0, got {self.pseudo_view_loss_weight}",
             ),
             (
                 0 <= self.accumulation_threshold < 1,
-                f"accumulation_threshold must be in [0, 1), got {self.accumulation_threshold}",
+                f"{name('accumulation_threshold')} must be in [0, 1), got {self.accumulation_threshold}",
             ),
         ]
         for ok, message in checks:
@@ -409,21 +416,6 @@ def read_manifest(output_dir: str | Path) -> dict[str, Any]:
         for view in round_["views"]:
             view["pose"] = torch.tensor(view["pose"], dtype=torch.float32)
     return state
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the complete new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Host and process in the name: writers on several nodes of a shared file system never collide.
-    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _view_to_state(view: PseudoView) -> dict[str, Any]:

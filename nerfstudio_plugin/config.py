@@ -11,17 +11,18 @@ from pathlib import Path
 
 from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
 from nerfstudio.configs.base_config import ViewerConfig
-from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from difix3d.progressive import ProgressiveConfig
+from nerfstudio_plugin.dataparser import Difix3DColmapDataParserConfig
 from nerfstudio_plugin.datamanager import Difix3DDatamanagerConfig, Difix3DRayDatamanagerConfig
 from nerfstudio_plugin.model import Difix3DGSModelConfig
 from nerfstudio_plugin.nerfacto import Difix3DNerfactoModelConfig
 from nerfstudio_plugin.pipeline import Difix3DNerfactoPipelineConfig, Difix3DPipelineConfig
+from nerfstudio_plugin.trainer import Difix3DTrainer
 
 # The paper's schedule: a 3DGS reconstruction of 30k steps, then fine-tuning to 60k with a fix round
 # every 2k steps. Starting from a stock splatfacto checkpoint (--load-checkpoint) skips the first half.
@@ -56,6 +57,7 @@ def splatfacto_optimizers(max_steps: int = MAX_STEPS) -> dict:
 
 difix3d_gs = MethodSpecification(
     config=TrainerConfig(
+        _target=Difix3DTrainer,
         method_name="difix3d-gs",
         steps_per_eval_image=500,
         steps_per_eval_batch=0,
@@ -66,16 +68,15 @@ difix3d_gs = MethodSpecification(
         pipeline=Difix3DPipelineConfig(
             datamanager=Difix3DDatamanagerConfig(
                 # COLMAP scenes as `difix3d scene` and COLMAP itself write them; frames named
-                # *train* / *eval* split into training views and targets.
-                dataparser=ColmapDataParserConfig(
-                    colmap_path=Path("sparse/0"), eval_mode="filename", load_3D_points=True
-                ),
+                # *train* / *eval* split into training views and targets, others as nerfstudio splits them.
+                dataparser=Difix3DColmapDataParserConfig(colmap_path=Path("sparse/0"), load_3D_points=True),
                 cache_images_type="uint8",
             ),
             model=Difix3DGSModelConfig(),
         ),
         optimizers=splatfacto_optimizers(),
-        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        # Exit when training ends (nerfstudio's viewer would keep the process alive, forever on a headless machine).
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, quit_on_train_completion=True),
         vis="viewer",
     ),
     description="Difix3D+: 3DGS (Splatfacto) with progressive Difix pseudo-views and enhanced renders.",
@@ -103,6 +104,7 @@ def nerfacto_optimizers() -> dict:
 
 difix3d_nerfacto = MethodSpecification(
     config=TrainerConfig(
+        _target=Difix3DTrainer,
         method_name="difix3d-nerfacto",
         steps_per_eval_image=500,
         steps_per_eval_batch=500,
@@ -112,7 +114,7 @@ difix3d_nerfacto = MethodSpecification(
         mixed_precision=True,
         pipeline=Difix3DNerfactoPipelineConfig(
             datamanager=Difix3DRayDatamanagerConfig(
-                dataparser=ColmapDataParserConfig(colmap_path=Path("sparse/0"), eval_mode="filename"),
+                dataparser=Difix3DColmapDataParserConfig(colmap_path=Path("sparse/0")),
                 train_num_rays_per_batch=4096,
                 eval_num_rays_per_batch=4096,
             ),
@@ -125,7 +127,7 @@ difix3d_nerfacto = MethodSpecification(
             progressive=ProgressiveConfig(pseudo_view_prob=0.4),
         ),
         optimizers=nerfacto_optimizers(),
-        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, quit_on_train_completion=True),
         vis="viewer",
     ),
     description="Difix3D+: NeRF (Nerfacto) with progressive Difix pseudo-views and enhanced renders.",

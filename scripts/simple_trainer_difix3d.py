@@ -83,7 +83,7 @@ class Config:
 
     # Difix3D
     difix: str = "nvidia/difix_ref"
-    """A hub id, a folder written by `difix3d`, a reference-release `.pkl`, or `tiny` (random, tests only)."""
+    """A hub id, a folder written by `difix3d`, a reference-release `.pkl`, or `random-tiny-architecture` (random, tests only)."""
     base: str = DEFAULT_BASE
     """The SD-Turbo a reference-release `.pkl` is applied on."""
     difix_dtype: DtypeName = "auto"
