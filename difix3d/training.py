@@ -72,7 +72,7 @@ class TrainConfig:
     output: Path
     """Output folder: checkpoints, evaluation grids, TensorBoard logs, final model and model card."""
     model: str = "nvidia/difix_ref"
-    """Starting model: a hub id, a difix3d folder, a release .pkl, or "tiny" (random, for tests)."""
+    """Starting model: a hub id, a difix3d folder, a release .pkl, or "random-tiny-architecture" (random, for tests)."""
     base: Annotated[str, tyro.conf.arg(aliases=("--base-model",))] = DEFAULT_BASE
     """Only for a release .pkl: the SD-Turbo (hub id or folder) its weights apply to (`--base`, as in
     `difix3d fix`; `--base-model` is its old name)."""
@@ -218,11 +218,9 @@ def load_dataset(path: Path) -> dict[str, list[Pair]]:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        shape = iio.improps(path).shape
-    except Exception as error:  # imageio raises many types for unreadable files
-        raise Difix3DError(f"cannot read image {path}: {error}") from None
-    return int(shape[0]), int(shape[1])
+    # Decoded in full, not just its header: a truncated or foreign file fails here, before training.
+    height, width = load_image(path).shape[:2]
+    return int(height), int(width)
 
 
 def _check_aspect(pair: Pair, other: Path, other_size: tuple[int, int]) -> None:

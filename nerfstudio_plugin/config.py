@@ -14,10 +14,10 @@ from typing import Optional
 from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.configs.method_configs import method_configs  # complete here: see __init__.py
-from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from difix3d.progressive import ProgressiveConfig
+from nerfstudio_plugin.dataparser import Difix3DColmapDataParserConfig
 from nerfstudio_plugin.datamanager import Difix3DDatamanagerConfig, Difix3DRayDatamanagerConfig
 from nerfstudio_plugin.model import Difix3DGSModelConfig
 from nerfstudio_plugin.nerfacto import Difix3DNerfactoModelConfig
@@ -51,16 +51,15 @@ difix3d_gs = MethodSpecification(
         pipeline=Difix3DPipelineConfig(
             datamanager=Difix3DDatamanagerConfig(
                 # COLMAP scenes as `difix3d scene` and COLMAP itself write them; frames named
-                # *train* / *eval* split into training views and targets.
-                dataparser=ColmapDataParserConfig(
-                    colmap_path=Path("sparse/0"), eval_mode="filename", load_3D_points=True
-                ),
+                # *train* / *eval* split into training views and targets, others as nerfstudio splits them.
+                dataparser=Difix3DColmapDataParserConfig(colmap_path=Path("sparse/0"), load_3D_points=True),
                 cache_images_type="uint8",
             ),
             model=Difix3DGSModelConfig(),
         ),
         optimizers=upstream_optimizers("splatfacto", max_steps=MAX_STEPS),
-        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        # Exit when training ends (nerfstudio's viewer would keep the process alive, forever on a headless machine).
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, quit_on_train_completion=True),
         vis="viewer",
     ),
     description="Difix3D+: 3DGS (Splatfacto) with progressive Difix pseudo-views and enhanced renders.",
@@ -78,7 +77,7 @@ difix3d_nerfacto = MethodSpecification(
         mixed_precision=True,
         pipeline=Difix3DNerfactoPipelineConfig(
             datamanager=Difix3DRayDatamanagerConfig(
-                dataparser=ColmapDataParserConfig(colmap_path=Path("sparse/0"), eval_mode="filename"),
+                dataparser=Difix3DColmapDataParserConfig(colmap_path=Path("sparse/0")),
                 train_num_rays_per_batch=4096,
                 eval_num_rays_per_batch=4096,
             ),
@@ -91,7 +90,7 @@ difix3d_nerfacto = MethodSpecification(
             progressive=ProgressiveConfig(pseudo_view_prob=0.4),
         ),
         optimizers=upstream_optimizers("nerfacto"),
-        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, quit_on_train_completion=True),
         vis="viewer",
     ),
     description="Difix3D+: NeRF (Nerfacto) with progressive Difix pseudo-views and enhanced renders.",
