@@ -5,9 +5,14 @@ PY := $(VENV)/bin/python
 # The stamp is rebuilt only when the dependencies change, so a second `make setup` is instant.
 STAMP := $(VENV)/.difix3d-installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup weights test demo bench gpu-wheels clean
 
-setup: $(STAMP)
+setup: $(STAMP) weights
+
+# ImageNet VGG-16/AlexNet weights for LPIPS and the perceptual loss, outside the repository (torch hub
+# folder); runs on every setup, instant when present, so a fresh machine gets them even with a ready venv.
+weights: $(STAMP)
+	$(VENV)/bin/difix3d weights
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +30,10 @@ demo: setup
 
 bench: setup
 	@for script in scripts/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+# The wheels the lent GPU machine's image lacks, for scripts/gpu_check.sh (carry .gpu-wheels there).
+gpu-wheels: setup
+	$(PY) scripts/gpu_wheels.py --dest .gpu-wheels --max-mib 60
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -9,6 +9,14 @@ strictly, with an error that lists the first mismatches:
   Difix whose VAE stores the decoder peft-wrapped (`...base_layer.weight` + `lora_A`/`lora_B`);
 - a Hugging Face Hub id of either folder kind (`stabilityai/sd-turbo`, `nvidia/difix`, `nvidia/difix_ref`);
 - a reference-release training checkpoint (`model_*.pkl`) applied on top of a `base` (any of the above).
+
+Whether a model was trained with reference views (`DifixConfig.reference_views`) comes from:
+a difix3d folder's config; a diffusers folder's layout -- `nvidia/difix_ref` ships its multi-view
+UNet as custom code (`model_index.json` names the module `unet_2d_condition`, the folder holds
+`unet/unet_2d_condition.py`), while `nvidia/difix` and SD-Turbo name diffusers' own UNet; a `.pkl`'s
+`mv_unet` field (the release's switch, written by `save_release_checkpoint`), else assumed (the
+release trains Difix-ref with `--mv_unet`). The Difix settings that a hub VAE config carries beside
+diffusers' own (`gamma`, `ignore_skip`, `lora_rank`) are read into the DifixConfig.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ _HUB_FILES = [
     WEIGHTS_FILE,
     "model_index.json",
     "*/config.json",
+    "unet/*.py",  # never run: its presence marks a multi-view (reference) UNet
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
@@ -50,6 +59,8 @@ _COMPONENT_FILES = (
     "diffusion_pytorch_model.bin",
 )
 _MAX_LISTED = 5
+# Keys of the hub VAE config that belong to Difix, not to diffusers' AutoencoderKL.
+_VAE_DIFIX_KEYS = ("gamma", "ignore_skip", "lora_rank")
 
 StateDict = dict[str, torch.Tensor]
 
@@ -116,6 +127,7 @@ def save_release_checkpoint(difix: Difix, path: str | os.PathLike, optimizer_sta
             "state_dict_vae": vae_state,
             "vae_lora_target_modules": list(difix.config.lora_target_modules),
             "rank_vae": difix.config.lora_rank,
+            "mv_unet": difix.config.reference_views,  # the release's name; its loader ignores extra keys
             "optimizer": optimizer_state or {},
         },
         path,
@@ -134,10 +146,13 @@ def load_release_checkpoint(path: str | os.PathLike, base: str | os.PathLike = D
         found = sorted(release) if isinstance(release, dict) else type(release).__name__
         raise Difix3DError(f"{path} is not a Difix release checkpoint: needs keys {', '.join(required)}; found {found}")
     base_config, base_state = _read_model(str(base))
+    if "mv_unet" not in release:
+        logger.info("%s does not record whether it was trained with references (mv_unet): assuming it was", path)
     config = dataclasses.replace(
         base_config,
         lora_rank=int(release["rank_vae"]),
         lora_target_modules=list(release["vae_lora_target_modules"]),
+        reference_views=bool(release.get("mv_unet", True)),
     )
     # The base gives everything the release does not train; its own adapters (if any) are replaced.
     state = {key: value for key, value in base_state.items() if not is_adapter_key(key)}
@@ -195,14 +210,22 @@ def _download(repo_id: str) -> Path:
 
 def _read_diffusers_folder(folder: Path) -> tuple[DifixConfig, StateDict]:
     """A diffusers pipeline folder (SD-Turbo or a released Difix) -> config and state dict."""
-    unet_config = _read_component_config(folder / "unet", UNet2DConditionModel)
-    vae_config = _read_component_config(folder / "vae", AutoencoderKL)
+    unet_config = _init_arguments(_read_json(folder / "unet" / "config.json"), UNet2DConditionModel)
+    vae_raw = _read_json(folder / "vae" / "config.json")
+    difix_settings = {key: vae_raw.pop(key) for key in _VAE_DIFIX_KEYS if key in vae_raw}
+    vae_config = _init_arguments(vae_raw, AutoencoderKL)
     vae_state = _read_weights(_component_weights(folder / "vae"))
-    config = DifixConfig(unet=unet_config, vae=vae_config, architecture=folder.name)
+    config = DifixConfig(
+        unet=unet_config, vae=vae_config, architecture=folder.name, reference_views=_has_multiview_unet(folder)
+    )
     lora_a = [key for key in vae_state if ".lora_A." in key]
     if lora_a:  # a released Difix: its own LoRA rank and targets
         config.lora_rank = int(vae_state[lora_a[0]].shape[0])
         config.lora_target_modules = sorted({key.split(".lora_A.")[0] for key in lora_a})
+    # The config's values win: a rank that disagrees with the weights is reported by the strict load.
+    config.gamma = float(difix_settings.get("gamma", config.gamma))
+    config.ignore_skip = bool(difix_settings.get("ignore_skip", config.ignore_skip))
+    config.lora_rank = int(difix_settings.get("lora_rank", config.lora_rank))
     prompt_embeds = encode_prompt(folder, config.prompt)
     config.prompt_length = prompt_embeds.shape[1]
     state = {f"unet.{key}": value for key, value in _read_weights(_component_weights(folder / "unet")).items()}
@@ -211,11 +234,25 @@ def _read_diffusers_folder(folder: Path) -> tuple[DifixConfig, StateDict]:
     return config, state
 
 
-def _read_component_config(component: Path, model_class: type) -> dict:
+def _has_multiview_unet(folder: Path) -> bool:
+    """Whether a diffusers folder's UNet is the release's multi-view one (custom code, as in
+    `nvidia/difix_ref`) rather than diffusers' own (`nvidia/difix`, SD-Turbo)."""
+    index = folder / "model_index.json"
+    if index.is_file():
+        unet_entry = _read_json(index).get("unet")
+        if isinstance(unet_entry, list) and unet_entry and unet_entry[0]:
+            return unet_entry[0] != "diffusers"  # else the name of the custom module in unet/
+    return any((folder / "unet").glob("*.py"))
+
+
+def _read_json(path: Path) -> dict:
     try:
-        raw = json.loads((component / "config.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise Difix3DError(f"cannot read {component / 'config.json'}: {error}") from None
+        raise Difix3DError(f"cannot read {path}: {error}") from None
+
+
+def _init_arguments(raw: dict, model_class: type) -> dict:
     init_arguments = model_class.extract_init_dict(raw)[0]
     return json.loads(json.dumps(init_arguments))  # tuples -> lists, as saved
 

@@ -15,13 +15,14 @@ from difix3d.errors import Difix3DError
 
 def _commands() -> dict:
     # Imported here so `difix3d --help` pays only for the modules it describes.
-    from difix3d import curation, fix, scenes, training
+    from difix3d import curation, fix, imagenet_weights, scenes, training
 
     return {
         "scene": scenes.scene_command,
         "fix": fix.fix_command,
         "train": training.train_command,
         "curate": curation.curate_command,
+        "weights": imagenet_weights.weights_command,
     }
 
 

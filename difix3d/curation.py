@@ -16,6 +16,9 @@ render (input) with its photograph (target) and the nearest clean view the degra
   multiple of the median distance between neighbouring cameras, since COLMAP's scale is arbitrary),
   train a second model on those renders alone, render the original poses; reference: the nearest
   other original view.
+- `ground-truth` (procedural scenes from `difix3d scene` only): reconstruct with the in-process 3DGS
+  fitter, render it at many novel poses and several points of its schedule, and pair the renders with
+  the ray-traced truth at those poses (`difix3d.ground_truth_pairs`); needs no COLMAP model.
 
 nerfstudio runs as subprocesses (`ns-train`, `ns-render` next to the running Python), each on a
 derived scene folder: `images/` links to the photographs (plus, for `cycle`, the shifted views),
@@ -28,19 +31,27 @@ Output folder OUT: `OUT/<scene>/images/` (copies of the targets and references u
 `OUT/<scene>/<strategy>/<variant>/<view>.png` (renders), `OUT/<scene>/<strategy>.json` (that
 strategy's pairs and parameters: written when the strategy has finished, so a rerun skips it; a
 scene is done when all selected strategies are) and `OUT/dataset.json`, the dataset for
-`difix3d train`, rebuilt atomically from every strategy manifest in OUT at the end of each run.
+`difix3d train`, rebuilt atomically from every strategy manifest in OUT at the end of each run
+(of a sharded run: see below).
 Its pairs carry extra keys: scene, strategy, variant, step (the nerfstudio step of the checkpoint
 that rendered the input), view, ref_view and the OpenCV camera-to-world poses (COLMAP frame) of the
 target (`pose`) and reference (`ref_pose`), plus `shifted_pose` for `cycle`.
 Test split rule (applied when dataset.json is built, so changing it needs no new renders): a target
 view goes to "test" when a stable hash of "<scene>/<view>" falls below `test_fraction`, so all pairs
 of a view share a split whatever the scene set or sharding.
-With `--shard i/n` (job arrays), the shards write different scenes; run once more without
-`--shard` afterwards (everything is skipped) to rebuild `dataset.json` from all of them.
+With `--shard i/n` (job arrays; n processes, on one machine or several sharing OUT), shard i curates
+scenes i, i+n, ... of the --scene list and writes only files of its own: its scenes' folders and
+`OUT/shards/shard-i-of-n.json` (its scenes, the settings of the whole array, and whether it has
+finished). Whichever shard finishes and then finds all n shard manifests finished, with the same
+scene list and settings, builds `dataset.json`; every strategy manifest is complete by then, so
+shards that finish together write the same file. A shard killed midway is rerun as it was (finished
+strategies are skipped). Running once more without `--shard` (everything is skipped) also rebuilds
+`dataset.json`, e.g. after changing the test fraction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -65,8 +76,10 @@ from difix3d.poses import pairwise_pose_distance
 from difix3d.progressive import atomic_write_bytes
 from difix3d.sfm import camera_to_world
 
-Strategy = Literal["sparse", "underfit", "cross", "cycle"]
+Strategy = Literal["sparse", "underfit", "cross", "cycle", "ground-truth"]
+GROUND_TRUTH = "ground-truth"
 DATASET_FILE = "dataset.json"
+SHARDS_FOLDER = "shards"
 PROMPT = "remove degradation"
 _LOG_TAIL_CHARS = 2000
 _NEVER = 1_000_000_000  # an evaluation interval nerfstudio never reaches
@@ -77,7 +90,8 @@ class CurateConfig:
     """Settings of `difix3d curate`."""
 
     scene: Annotated[list[Path], tyro.conf.UseAppendAction]
-    """COLMAP scene folder with images/ and sparse/0 (repeat --scene for several)."""
+    """COLMAP scene folder with images/ and sparse/0 (repeat --scene for several); for the
+    ground-truth strategy, a procedural scene made by `difix3d scene` (its ground_truth.json)."""
     out: Path
     """Output folder: renders, copies of targets and references, manifests and dataset.json."""
     strategies: tuple[Strategy, ...] = ("sparse", "underfit", "cross", "cycle")
@@ -95,6 +109,13 @@ class CurateConfig:
     """cross: number of k-means groups."""
     cycle_shift: float = 1.0
     """cycle: sideways shift, in median distances between neighbouring cameras."""
+    ground_truth_steps: int = 1000
+    """ground-truth: 3DGS steps of the reconstruction (the quality benchmark's schedule); renders are
+    taken at 40%, 70% and 100% of it."""
+    ground_truth_extreme: int = 12
+    """ground-truth: extreme target poses per scene (each with two poses on the way to it)."""
+    ground_truth_wide: int = 10
+    """ground-truth: poses anywhere around the scene per scene."""
     test_fraction: float = 0.1
     """Fraction of target views (by a stable hash) whose pairs go to the test split."""
     shard: str | None = None
@@ -120,7 +141,7 @@ class SceneViews:
 
     @property
     def id(self) -> str:
-        return self.root.resolve().name
+        return scene_id(self.root)
 
     def image_path(self, name: str) -> Path:
         return self.root / "images" / name
@@ -146,29 +167,37 @@ class Render:
 class CurateResult:
     """What a run did."""
 
-    dataset: Path
+    dataset: Path | None  # None: other shards of the array have not finished yet
     curated: list[tuple[str, str]] = field(default_factory=list)  # (scene, strategy) run now
     skipped: list[tuple[str, str]] = field(default_factory=list)  # already finished
     num_train: int = 0
     num_test: int = 0
+    waiting_for: list[str] = field(default_factory=list)  # unfinished shards ("i/n")
 
 
 # ------------------------------------------------------------------------------------ public API
 
 
 def curate(config: CurateConfig) -> CurateResult:
-    """Curate the scenes of `config` (this shard's), then rebuild OUT/dataset.json from all manifests."""
+    """Curate the scenes of `config` (this shard's), then rebuild OUT/dataset.json from all manifests
+    (with --shard: only once every shard of the array has finished)."""
     _check_config(config)
     shard_index, num_shards = parse_shard(config.shard)
-    scene_dirs = [Path(path) for path in config.scene][shard_index::num_shards]
-    scenes = [load_scene(path) for path in scene_dirs]
-    names = [scene.id for scene in scenes]
-    duplicated = sorted({name for name in names if names.count(name) > 1})
+    # IDs of the whole list: two shards must never write the same scene folder.
+    all_ids = [scene_id(Path(path)) for path in config.scene]
+    duplicated = sorted({name for name in all_ids if all_ids.count(name) > 1})
     if duplicated:
         raise Difix3DError(f"scene IDs are folder names and must be unique; repeated: {', '.join(duplicated)}")
+    scene_dirs = [Path(path) for path in config.scene[shard_index::num_shards]]
+    # The ground-truth strategy needs no COLMAP model: its scenes know their true poses.
+    uses_colmap = bool(set(config.strategies) - {GROUND_TRUTH})
+    scenes = [load_scene(path) if uses_colmap else SceneViews(path, [], np.zeros((0, 4, 4)), []) for path in scene_dirs]
 
     out = Path(config.out)
     result = CurateResult(dataset=out / DATASET_FILE)
+    array = _array_settings(config, all_ids)
+    if num_shards > 1:
+        _write_shard_manifest(out, shard_index, num_shards, array, [s.id for s in scenes], finished=False)
     jobs = []
     # Finished strategies are checked before any training, so a mismatch fails fast.
     for scene in scenes:
@@ -192,18 +221,28 @@ def curate(config: CurateConfig) -> CurateResult:
         for stale in (out / scene.id / "work" / strategy, out / scene.id / strategy):
             if stale.exists():
                 shutil.rmtree(stale)
-        work = out / scene.id / "work" / strategy
-        renders = _STRATEGIES[strategy](scene, work, config, _Nerfstudio(config, work))
-        pairs = make_pairs(scene, strategy, renders, out)
-        document = {"parameters": strategy_parameters(config, strategy), "pairs": pairs}
-        atomic_write_bytes(out / scene.id / f"{strategy}.json", _dumps_rows(document).encode())
-        if not config.keep_work:
-            shutil.rmtree(work)
-            if not any(work.parent.iterdir()):
-                work.parent.rmdir()
+        if strategy == GROUND_TRUTH:
+            from difix3d.ground_truth_pairs import curate_ground_truth_scene
+
+            pairs = curate_ground_truth_scene(scene.root, out, ground_truth_config(config), progress=False)
+        else:
+            work = out / scene.id / "work" / strategy
+            renders = _STRATEGIES[strategy](scene, work, config, _Nerfstudio(config, work))
+            pairs = make_pairs(scene, strategy, renders, out)
+            if not config.keep_work:
+                shutil.rmtree(work)
+                if not any(work.parent.iterdir()):
+                    work.parent.rmdir()
+        write_manifest(out / scene.id / f"{strategy}.json", strategy_parameters(config, strategy), pairs)
         result.curated.append((scene.id, strategy))
     progress.close()
 
+    if num_shards > 1:
+        _write_shard_manifest(out, shard_index, num_shards, array, [s.id for s in scenes], finished=True)
+        result.waiting_for = unfinished_shards(out, num_shards, array)
+        if result.waiting_for:
+            result.dataset = None
+            return result
     dataset = assemble_dataset(out, config.test_fraction)
     result.num_train, result.num_test = len(dataset["train"]), len(dataset["test"])
     return result
@@ -216,10 +255,11 @@ def curate_command(config: Annotated[CurateConfig, tyro.conf.OmitArgPrefixes]) -
     renders with the photographs; see difix3d/curation.py for the strategies and the output layout.
     """
     result = curate(config)
-    print(
-        f"curated {len(result.curated)} scene strategies, skipped {len(result.skipped)} finished; "
-        f"{result.dataset}: {result.num_train} train / {result.num_test} test pairs"
-    )
+    done = f"curated {len(result.curated)} scene strategies, skipped {len(result.skipped)} finished; "
+    if result.dataset is None:
+        print(done + f"{DATASET_FILE} is written by the last shard to finish (waiting for {', '.join(result.waiting_for)})")
+    else:
+        print(done + f"{result.dataset}: {result.num_train} train / {result.num_test} test pairs")
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -230,6 +270,11 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     if not match or not int(match[1]) < int(match[2]):
         raise Difix3DError(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got {spec!r}")
     return int(match[1]), int(match[2])
+
+
+def scene_id(root: Path) -> str:
+    """A scene's ID: the name of its resolved folder."""
+    return Path(root).resolve().name
 
 
 def load_scene(root: Path) -> SceneViews:
@@ -257,6 +302,8 @@ def load_scene(root: Path) -> SceneViews:
 
 def strategy_parameters(config: CurateConfig, strategy: str) -> dict:
     """The settings a strategy's result depends on (recorded in its manifest)."""
+    if strategy == GROUND_TRUTH:
+        return json.loads(json.dumps(dataclasses.asdict(ground_truth_config(config))))  # tuples as JSON lists
     own = {
         "sparse": {"sparse_every": config.sparse_every},
         "underfit": {"underfit_fractions": list(config.underfit_fractions)},
@@ -264,6 +311,17 @@ def strategy_parameters(config: CurateConfig, strategy: str) -> dict:
         "cycle": {"cycle_shift": config.cycle_shift},
     }[strategy]
     return {"steps": config.steps, "downscale_factor": config.downscale_factor, **own}
+
+
+def ground_truth_config(config: CurateConfig):
+    """The ground-truth data engine's settings (`difix3d.ground_truth_pairs`) from `difix3d curate`'s."""
+    from difix3d.ground_truth_pairs import GroundTruthPairsConfig
+
+    steps = config.ground_truth_steps
+    return GroundTruthPairsConfig(
+        steps=steps, snapshot_steps=tuple(sorted({max(1, round(steps * f)) for f in (0.4, 0.7, 1.0)})),
+        num_extreme=config.ground_truth_extreme, num_wide=config.ground_truth_wide,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ view selection
@@ -565,6 +623,9 @@ def _shifted_name(name: str) -> str:
 
 
 _STRATEGIES = {"sparse": _sparse, "underfit": _underfit, "cross": _cross, "cycle": _cycle}
+# Manifests that `assemble_dataset` reads: these strategies and the ground-truth data engine's
+# (`difix3d.ground_truth_pairs`, procedural scenes only).
+_MANIFEST_NAMES = (*_STRATEGIES, GROUND_TRUTH)
 
 
 # ---------------------------------------------------------------------------- pairs and dataset
@@ -606,18 +667,58 @@ def make_pairs(scene: SceneViews, strategy: str, renders: list[Render], out: Pat
     return pairs
 
 
+def write_manifest(path: Path, parameters: dict, pairs: list[dict]) -> None:
+    """A strategy's finished manifest for one scene (atomically: its presence means done)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, _dumps_rows({"parameters": parameters, "pairs": pairs}).encode())
+
+
 def assemble_dataset(out: Path, test_fraction: float) -> dict:
     """Write OUT/dataset.json (atomically) from every strategy manifest under OUT; returns it.
     The split of each pair follows `is_test_view` of its target view."""
     dataset: dict[str, dict] = {"train": {}, "test": {}}
     for manifest in sorted(out.glob("*/*.json")):
-        if manifest.stem not in _STRATEGIES:
+        if manifest.stem not in _MANIFEST_NAMES:
             continue
         for pair in json.loads(manifest.read_text())["pairs"]:
             split = "test" if is_test_view(pair["scene"], pair["view"], test_fraction) else "train"
             dataset[split][pair["id"]] = {key: value for key, value in pair.items() if key != "id"}
     atomic_write_bytes(out / DATASET_FILE, _dumps_rows(dataset).encode())
     return dataset
+
+
+def shard_manifest_path(out: Path, shard_index: int, num_shards: int) -> Path:
+    return out / SHARDS_FOLDER / f"shard-{shard_index}-of-{num_shards}.json"
+
+
+def unfinished_shards(out: Path, num_shards: int, array: dict) -> list[str]:
+    """The shards ("i/n") of this array that have not finished: no manifest, an unfinished one, or
+    one of a run with other scenes or settings."""
+    waiting = []
+    for index in range(num_shards):
+        path = shard_manifest_path(out, index, num_shards)
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            manifest = {}
+        if not (manifest.get("finished") and manifest.get("array") == array):
+            waiting.append(f"{index}/{num_shards}")
+    return waiting
+
+
+def _array_settings(config: CurateConfig, scene_ids: list[str]) -> dict:
+    """What every shard of one job array must share (recorded in each shard manifest)."""
+    strategies = list(dict.fromkeys(config.strategies))
+    return {
+        "scenes": scene_ids,
+        "parameters": {strategy: strategy_parameters(config, strategy) for strategy in strategies},
+        "test_fraction": config.test_fraction,
+    }
+
+
+def _write_shard_manifest(out: Path, index: int, num_shards: int, array: dict, scenes: list[str], finished: bool) -> None:
+    document = {"shard": f"{index}/{num_shards}", "finished": finished, "scenes": scenes, "array": array}
+    atomic_write_bytes(shard_manifest_path(out, index, num_shards), (json.dumps(document, indent=1) + "\n").encode())
 
 
 def _dumps_rows(document: dict) -> str:

@@ -35,7 +35,8 @@ def fix_command(
     Args:
         input: An image, a folder of images or a video.
         output: Folder for the fixed images (named after the inputs; video frames as NAME_00000.png).
-        ref: Optional reference image, or a folder paired with the inputs by file name, else by order.
+        ref: Optional reference image, or a folder paired with the inputs by file name, else by order
+            (ignored, with a warning, by a model trained without references such as nvidia/difix).
         model: Hub id (e.g. nvidia/difix_ref), difix3d or diffusers folder, release .pkl, or "tiny" (random
             weights, for tests); default: the embedded tiny Difix trained on procedural scenes.
         base: SD-Turbo base (hub id or folder) that a release .pkl is applied to.

@@ -2,9 +2,9 @@
 
 One frozen VGG-16 trunk (lpips's slices of torchvision's VGG-16, cut at relu1_2, relu2_2, relu3_3,
 relu4_3 and relu5_3) runs once per image and feeds both LPIPS and the Gram loss. Its ImageNet
-weights are never downloaded: they come from a local path, `DIFIX3D_VGG16_WEIGHTS` or the torch hub
-cache (see `difix3d.metrics`); when absent the loss refuses to build unless the caller asks for a
-random trunk explicitly (`perceptual_backbone="random"`, for tests and smoke runs), which is logged.
+weights come from `difix3d.imagenet_weights` (never downloaded here); when absent the loss refuses to
+build unless the caller asks for a random trunk explicitly (`perceptual_backbone="random"`, for tests
+and smoke runs), which is logged.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from difix3d.errors import Difix3DError
-from difix3d.metrics import build_lpips_network, find_backbone_weights, missing_backbone_message
+from difix3d.imagenet_weights import find_imagenet_weights, load_imagenet_features, missing_weights_message
+from difix3d.metrics import build_lpips_network
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +105,14 @@ class DifixLoss(nn.Module):
                 return build_lpips_network("vgg", None)
         if perceptual_backbone != "pretrained":
             raise Difix3DError(f"perceptual_backbone must be 'pretrained' or 'random', got {perceptual_backbone!r}")
-        weights = find_backbone_weights("vgg", vgg16_weights)
-        if weights is None:
+        features = load_imagenet_features("vgg", vgg16_weights)
+        if features is None:
             raise Difix3DError(
-                missing_backbone_message("vgg", vgg16_weights)
+                missing_weights_message("vgg", vgg16_weights)
                 + " (or train without pretrained features: --perceptual-backbone random)"
             )
-        logger.info("perceptual losses use VGG-16 weights from %s", weights)
-        return build_lpips_network("vgg", weights)
+        logger.info("perceptual losses use VGG-16 weights from %s", find_imagenet_weights("vgg", vgg16_weights))
+        return build_lpips_network("vgg", features)
 
     def vgg_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """VGG-16 relu1_2 … relu5_3 features of [B, 3, H, W] images in [-1, 1]."""

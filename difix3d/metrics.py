@@ -1,30 +1,26 @@
 """Image-quality metrics: PSNR, SSIM and LPIPS on batched [B, 3, H, W] tensors in [0, 1].
 
 Framework-free (torch, torchvision, lpips); shared by training, the nerfstudio method and the
-benchmarks. LPIPS needs ImageNet backbone weights that torchvision would download; this module never
-downloads. It looks for them in a path given by the caller, in an environment variable
-(`DIFIX3D_VGG16_WEIGHTS`, `DIFIX3D_ALEXNET_WEIGHTS`) and in the torch hub cache
-(`torch.hub.get_dir()/checkpoints/`), and reports LPIPS as unavailable (None) when they are absent.
+benchmarks. LPIPS (v0.1: AlexNet, the paper's metric, or VGG-16) takes its ImageNet backbone weights
+from `difix3d.imagenet_weights`, which never downloads; where they cannot be found LPIPS is reported
+as unavailable (None), with the reason logged once.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from difix3d.errors import Difix3DError
+from difix3d.imagenet_weights import Backbone, load_imagenet_features, missing_weights_message
 
 logger = logging.getLogger(__name__)
 
-PerceptualNet = Literal["vgg", "alex"]
-
-_WEIGHTS_ENV_VARS = {"vgg": "DIFIX3D_VGG16_WEIGHTS", "alex": "DIFIX3D_ALEXNET_WEIGHTS"}
+PerceptualNet = Backbone
 
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor, max_value: float = 1.0) -> torch.Tensor:
@@ -73,49 +69,12 @@ def ssim(
     return ssim_map.flatten(1).mean(dim=1)
 
 
-def backbone_weights_locations(net: PerceptualNet, weights_path: str | Path | None = None) -> list[Path]:
-    """Where the ImageNet weights of `net` are looked for, in order (explicit path, env var, hub cache)."""
-    locations = []
-    if weights_path is not None:
-        locations.append(Path(weights_path).expanduser())
-    env_value = os.environ.get(_WEIGHTS_ENV_VARS[net])
-    if env_value:
-        locations.append(Path(env_value).expanduser())
-    locations.append(Path(torch.hub.get_dir()) / "checkpoints" / _hub_file_name(net))
-    return locations
+def build_lpips_network(net: PerceptualNet, features: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """An `lpips.LPIPS` model (frozen, eval mode) with its shipped linear layers (LPIPS v0.1).
 
-
-def find_backbone_weights(net: PerceptualNet, weights_path: str | Path | None = None) -> Path | None:
-    """The ImageNet weights file of `net` (torchvision's state dict), or None when none is present.
-
-    A path the user named explicitly (argument or environment variable) that does not exist is an
-    error, not a silent fall-through to the cache.
-    """
-    explicit = [Path(p).expanduser() for p in (weights_path, os.environ.get(_WEIGHTS_ENV_VARS[net])) if p]
-    for path in explicit:
-        if not path.is_file():
-            raise Difix3DError(f"{_describe(net)} weights not found at {path}")
-    for path in backbone_weights_locations(net, weights_path):
-        if path.is_file():
-            return path
-    return None
-
-
-def missing_backbone_message(net: PerceptualNet, weights_path: str | Path | None = None) -> str:
-    """One line saying that `net`'s weights are missing, where they were looked for and how to provide them."""
-    looked = ", ".join(str(p) for p in backbone_weights_locations(net, weights_path))
-    return (
-        f"{_describe(net)} ImageNet weights not found (looked in: {looked}); they are not downloaded. "
-        f"Copy torchvision's {_hub_file_name(net)} into {Path(torch.hub.get_dir()) / 'checkpoints'} "
-        f"or set {_WEIGHTS_ENV_VARS[net]} to its path"
-    )
-
-
-def build_lpips_network(net: PerceptualNet, backbone_weights: Path | None) -> torch.nn.Module:
-    """An `lpips.LPIPS` model (frozen, eval mode) with its shipped linear layers.
-
-    `backbone_weights` is a torchvision state dict file for the trunk; None keeps the trunk random,
-    which only the training loss may ask for explicitly (its values are not LPIPS).
+    `features` is the state dict of torchvision's `features` trunk (`difix3d.imagenet_weights.
+    load_imagenet_features`); None keeps the trunk random, which only the training loss may ask for
+    explicitly (its values are not LPIPS).
     """
     import lpips
 
@@ -123,16 +82,9 @@ def build_lpips_network(net: PerceptualNet, backbone_weights: Path | None) -> to
         # torchvision's deprecation warning for the `pretrained=False` that lpips passes.
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
-    if backbone_weights is not None:
-        torchvision_state = torch.load(backbone_weights, map_location="cpu", weights_only=True)
+    if features is not None:
         # lpips slices torchvision's `features` keeping its indices: net.slice2.5.weight is features.5.weight.
-        trunk_state = {}
-        for key in model.net.state_dict():
-            source = "features." + key.split(".", 1)[1]
-            if source not in torchvision_state:
-                raise Difix3DError(f"{backbone_weights} is not a torchvision {_describe(net)} state dict (no {source})")
-            trunk_state[key] = torchvision_state[source]
-        model.net.load_state_dict(trunk_state)
+        model.net.load_state_dict({key: features[key.split(".", 1)[1]] for key in model.net.state_dict()})
     model.requires_grad_(False)
     return model.eval()
 
@@ -147,11 +99,12 @@ class LPIPSMetric:
 
     def __init__(self, net: PerceptualNet = "alex", weights_path: str | Path | None = None, device: str | torch.device = "cpu"):
         self.net = net
-        weights = find_backbone_weights(net, weights_path)
-        self.model = None if weights is None else build_lpips_network(net, weights).to(device)
+        features = load_imagenet_features(net, weights_path)
+        self.model = None if features is None else build_lpips_network(net, features).to(device)
+        self.unavailable_reason = None if features is not None else missing_weights_message(net, weights_path)
         if self.model is None and net not in LPIPSMetric._warned:
             LPIPSMetric._warned.add(net)
-            logger.warning("LPIPS unavailable: %s", missing_backbone_message(net, weights_path))
+            logger.warning("LPIPS unavailable: %s", self.unavailable_reason)
 
     @property
     def available(self) -> bool:
@@ -162,20 +115,9 @@ class LPIPSMetric:
         if self.model is None:
             return None
         _check_pair(prediction, target)
-        device = next(self.model.parameters()).device
-        distance = self.model(prediction.float().to(device), target.float().to(device), normalize=True)
+        self.model.to(prediction.device)  # computed where the images are (a no-op after the first call)
+        distance = self.model(prediction.float(), target.float().to(prediction.device), normalize=True)
         return distance.flatten()
-
-
-def _hub_file_name(net: PerceptualNet) -> str:
-    from torchvision.models import AlexNet_Weights, VGG16_Weights
-
-    weights = VGG16_Weights.IMAGENET1K_V1 if net == "vgg" else AlexNet_Weights.IMAGENET1K_V1
-    return weights.url.rsplit("/", 1)[-1]
-
-
-def _describe(net: PerceptualNet) -> str:
-    return {"vgg": "VGG-16", "alex": "AlexNet"}[net]
 
 
 def _check_pair(prediction: torch.Tensor, target: torch.Tensor) -> None:

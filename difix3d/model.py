@@ -90,7 +90,15 @@ _TINY_VAE = {
     "sample_size": 64,
     "scaling_factor": 0.18215,
 }
-NAMED_ARCHITECTURES = {"sd-turbo": (_SD_TURBO_UNET, _SD_TURBO_VAE), "tiny": (_TINY_UNET, _TINY_VAE)}
+# Between the two (4.5M parameters, 18 MB): the embedded Difix's architecture, trained from scratch
+# on the CPU (scripts/train_embedded_difix.py); twice tiny's width everywhere, two UNet levels.
+_SMALL_UNET = {**_TINY_UNET, "block_out_channels": [64, 128]}
+_SMALL_VAE = {**_TINY_VAE, "block_out_channels": [32, 64, 64, 64]}
+NAMED_ARCHITECTURES = {
+    "sd-turbo": (_SD_TURBO_UNET, _SD_TURBO_VAE),
+    "small": (_SMALL_UNET, _SMALL_VAE),
+    "tiny": (_TINY_UNET, _TINY_VAE),
+}
 
 
 @dataclass
@@ -111,10 +119,15 @@ class DifixConfig:
     lora_target_modules: list[str] | None = None  # VAE module names; None: every decoder conv/attention + skips
     skip_init: float = 1e-5
     gamma: float = 1.0  # scale of the skip connections
+    ignore_skip: bool = False  # the release's switch: True decodes without the skip connections
+    # Trained with reference views (Difix-ref: joint self-attention over target and references).
+    # False (nvidia/difix): given references, the target is fixed alone, as if each view were
+    # processed independently -- what the reference release's plain UNet does.
+    reference_views: bool = True
 
     @classmethod
     def named(cls, name: str) -> DifixConfig:
-        """The config of a named architecture: "sd-turbo" (SD 2.1 layout) or "tiny"."""
+        """The config of a named architecture: "sd-turbo" (SD 2.1 layout), "small" or "tiny"."""
         if name not in NAMED_ARCHITECTURES:
             raise Difix3DError(f"unknown Difix architecture {name!r}; known: {', '.join(NAMED_ARCHITECTURES)}")
         unet, vae = NAMED_ARCHITECTURES[name]
@@ -199,7 +212,7 @@ class Difix(nn.Module):
             target_modules=list(config.lora_target_modules),
         )
         self.vae.add_adapter(lora, adapter_name=LORA_ADAPTER)
-        self.view_attention = install_multiview_attention(self.unet)
+        install_multiview_attention(self.unet)
         cross_dim = self.unet.config.cross_attention_dim
         self.register_buffer("prompt_embeds", torch.zeros(1, config.prompt_length, cross_dim))
 
@@ -209,6 +222,7 @@ class Difix(nn.Module):
         self._x0_scale = 1.0 / math.sqrt(abar.item())
         self.gamma = config.gamma
         self.gradient_checkpointing = False
+        self._logged: set[str] = set()
         self.reset_adapters()
         self._freeze()
 
@@ -294,10 +308,13 @@ class Difix(nn.Module):
 
     def denoise(self, latents: torch.Tensor, num_views: int) -> torch.Tensor:
         """One UNet step at `config.timestep`: noisy latents [(B V),C,h,w] -> x0 prediction."""
-        self.view_attention.num_views = num_views
+        # Processors a user set on the UNet since construction get wrapped too (a no-op otherwise).
+        install_multiview_attention(self.unet)
         timestep = torch.full((latents.shape[0],), self.config.timestep, device=latents.device, dtype=torch.long)
         prompt = self.prompt_embeds.expand(latents.shape[0], -1, -1)
-        eps = self.unet(latents, timestep, encoder_hidden_states=prompt).sample
+        eps = self.unet(
+            latents, timestep, encoder_hidden_states=prompt, cross_attention_kwargs={"num_views": num_views}
+        ).sample
         return (latents - self._x0_eps_scale * eps) * self._x0_scale
 
     def decode(self, latents: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
@@ -309,9 +326,15 @@ class Difix(nn.Module):
         hidden = decoder.conv_in(hidden)
         hidden = self._maybe_checkpoint(decoder.mid_block, hidden)
         for block, skip_conv, skip in zip(decoder.up_blocks, self.skip_convs(), reversed(skips)):
-            hidden = hidden + skip_conv(skip) * self.gamma
+            if not self.config.ignore_skip:
+                hidden = hidden + skip_conv(skip) * self.gamma
             hidden = self._maybe_checkpoint(block, hidden)
         return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(hidden)))
+
+    def _log_once(self, level: int, message: str) -> None:
+        if message not in self._logged:
+            self._logged.add(message)
+            logger.log(level, message, self.config.architecture)
 
     def _maybe_checkpoint(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -320,9 +343,21 @@ class Difix(nn.Module):
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """Views [B,V,3,H,W] in [-1,1] (view 0 the target, then references; H, W multiples of 8)
-        -> the fixed target [B,3,H,W], clamped to [-1,1]. Differentiable (for training)."""
+        -> the fixed target [B,3,H,W], clamped to [-1,1]. Differentiable (for training).
+
+        A model trained without references (`config.reference_views` False) fixes the target alone:
+        its references are dropped (logged once), which gives what processing every view
+        independently gives, at a fraction of the cost."""
         if views.ndim != 5 or views.shape[2] != 3:
             raise Difix3DError(f"Difix expects views [B,V,3,H,W], got {list(views.shape)}")
+        if views.shape[1] > 1 and not self.config.reference_views:
+            self._log_once(
+                logging.WARNING,
+                "this Difix (%s) was trained without reference views: references are ignored, each target is fixed alone",
+            )
+            views = views[:, :1]
+        elif views.shape[1] == 1 and self.config.reference_views:
+            self._log_once(logging.INFO, "this Difix (%s) was trained with reference views and runs without one")
         batch, num_views, _, height, width = views.shape
         if height % 8 or width % 8:
             raise Difix3DError(f"Difix.forward needs H and W multiples of 8, got {height}x{width} (fix() pads)")

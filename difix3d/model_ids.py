@@ -11,3 +11,6 @@ DEFAULT_BASE = "stabilityai/sd-turbo"
 # CPU by scripts/bench_quality.py (see its README.md). The default where no model is named; it knows
 # nothing but those scenes: name `nvidia/difix_ref` for photographs.
 EMBEDDED_DIFIX = str(Path(__file__).resolve().parent / "assets" / "difix-tiny-procedural")
+
+PROMPT = "remove degradation"
+"""Difix's fixed text prompt (the release's)."""

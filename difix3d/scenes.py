@@ -563,15 +563,17 @@ def build_scene(
     num_eval: int = 8,
     overwrite: bool = False,
     log=print,
+    sfm: bool = True,
 ) -> GroundTruth:
     """Renders a procedural scene, runs SfM on it and writes the scene folder `out`.
 
     Layout: `images/frame_{train,eval}_XXXX.png` (width x height), `sparse/0` (COLMAP model from
     pycolmap SfM over all images, one PINHOLE camera, in the units and frame SfM chose) and
     `ground_truth.json` (true poses, intrinsics, seed, scene parameters). The folder is assembled
-    next to `out` and moved into place only when everything succeeded.
+    next to `out` and moved into place only when everything succeeded. With `sfm=False` the folder
+    has no `sparse/0` (enough for the ground-truth data engine, which knows the true poses).
     """
-    from difix3d import sfm  # pycolmap is only needed here, not for rendering ground truth
+    from difix3d import sfm as structure_from_motion  # pycolmap is only needed here
 
     out = Path(out)
     _check_arguments(out, width, height, num_train, num_eval, overwrite)
@@ -598,12 +600,13 @@ def build_scene(
             iio.imwrite(staging / frame.file_path, _to_uint8(small))
         log(f"Rendered {len(frames)} views ({time.perf_counter() - started:.1f} s)")
 
-        reconstruction = sfm.reconstruct(sfm_images, staging / "sfm_work", sfm_intrinsics, seed=seed, log=log)
-        sfm.rescale_reconstruction(reconstruction, 1 / SFM_RESOLUTION_SCALE)
-        (staging / "sparse" / "0").mkdir(parents=True)
-        reconstruction.write_binary(str(staging / "sparse" / "0"))
+        if sfm:
+            reconstruction = structure_from_motion.reconstruct(sfm_images, staging / "sfm_work", sfm_intrinsics, seed=seed, log=log)
+            structure_from_motion.rescale_reconstruction(reconstruction, 1 / SFM_RESOLUTION_SCALE)
+            (staging / "sparse" / "0").mkdir(parents=True)
+            reconstruction.write_binary(str(staging / "sparse" / "0"))
+            shutil.rmtree(staging / "sfm_work")
         shutil.rmtree(sfm_images)
-        shutil.rmtree(staging / "sfm_work")
 
         ground_truth = GroundTruth(seed, intrinsics, frames, scene.layout, scene)
         (staging / GROUND_TRUTH_FILE).write_text(json.dumps(ground_truth.to_json(), indent=1))

@@ -12,13 +12,19 @@ Training (defaults as in the reference release): the UNet fully and the VAE deco
 convs (`Difix.trainable_parameters`); loss L2 + LPIPS + Gram (`difix3d.losses.DifixLoss`); AdamW
 (lr 2e-5, weight decay 1e-2), grad-norm clip 1.0; the same random crop of input, reference and
 target. `accelerate` places devices, runs mixed precision (bf16 on GPUs that support it) and
-distributes: `accelerate launch -m difix3d.cli train ...` runs one process per GPU (and node).
+distributes: `accelerate launch -m difix3d.cli train ...` runs one process per GPU (and node), and
+`torchrun` on a machine without GPUs runs CPU processes (gloo), the same code path.
 
-Output folder: `checkpoints/step-XXXXXXXX/` (trainable weights, optimizer, step, RNG states; written
-to a temporary folder and renamed, so a crash never leaves a half checkpoint; on multi-node runs the
-folder must be on a shared file system), `eval/step-XXXXXXXX.png` grids (input | output | target |
-reference), `eval/metrics.jsonl`, `tensorboard/`, and at the end the model itself
-(`save_pretrained`, loadable with `load_difix(OUTPUT)`) with its model card `README.md`.
+Several processes: each takes its own pairs of every step (`StreamSampler`: no pair twice per
+epoch), gradients are averaged, and only the main process writes files (checkpoints, evaluation,
+TensorBoard, final model and card), logs and shows progress; the others wait at barriers.
+
+Output folder: `checkpoints/step-XXXXXXXX/` (trainable weights, optimizer, step, every process's RNG
+state as JSON; written to a temporary folder and renamed, so a crash never leaves a half checkpoint;
+on multi-node runs the folder must be on a shared file system), `eval/step-XXXXXXXX.png` grids
+(input | output | target | reference), `eval/metrics.jsonl`, `tensorboard/`, and at the end the model
+itself (`save_pretrained`, loadable with `load_difix(OUTPUT)`) with its model card `README.md`.
+`--resume` continues bit for bit when run with the same number of processes.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -44,13 +51,15 @@ from safetensors.torch import load_file, save_file
 from difix3d.errors import Difix3DError
 from difix3d.images import load_image, save_image
 from difix3d.losses import GRAM_LAYER_WEIGHTS, DifixLoss, LossTerms
-from difix3d.metrics import LPIPSMetric, find_backbone_weights, psnr, ssim
+from difix3d.imagenet_weights import describe, find_imagenet_weights
+from difix3d.metrics import LPIPSMetric, psnr, ssim
 
 logger = logging.getLogger(__name__)
 
 _ASPECT_TOLERANCE = 0.01
 _MAX_MISSING_LISTED = 5
 _GRID_TILE_HEIGHT = 256
+RNG_STATES_FILE = "rng_states.json"
 
 
 @dataclass
@@ -83,7 +92,8 @@ class TrainConfig:
     perceptual_backbone: Literal["pretrained", "random"] = "pretrained"
     """VGG-16 for LPIPS and Gram: ImageNet weights (required unless "random", for tests only)."""
     vgg16_weights: Path | None = None
-    """torchvision VGG-16 weights file (default: $DIFIX3D_VGG16_WEIGHTS, then the torch hub cache)."""
+    """torchvision VGG-16 weights file (default: $DIFIX3D_VGG16_WEIGHTS, the torch hub cache, then the
+    weights fetched by `difix3d weights`; see difix3d.imagenet_weights)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """"auto": bf16 on GPUs that support it, else full precision."""
     gradient_checkpointing: bool = False
@@ -95,6 +105,8 @@ class TrainConfig:
     eval_every: int = 1000
     """Evaluate on the test split every N steps (and at the last step); 0: never."""
     eval_max_pairs: int = 32
+    eval_lpips_net: Literal["alex", "vgg"] = "alex"
+    """Backbone of the evaluation's LPIPS: AlexNet (the paper's metric) or VGG-16."""
     """Test pairs used per evaluation (the first ones, in JSON order)."""
     grid_rows: int = 4
     """Test pairs shown in each evaluation grid."""
@@ -326,7 +338,7 @@ class DifixTrainer:
         self.splits = load_dataset(config.dataset)  # validates everything before any heavy work
         resume_from = self._checkpoint_to_resume()
 
-        self.accelerator = Accelerator(mixed_precision=_mixed_precision(config.mixed_precision))
+        self.accelerator = Accelerator(cpu=_cpu_only(), mixed_precision=_mixed_precision(config.mixed_precision))
         self.device = self.accelerator.device
         _seed_everything(config.seed + self.accelerator.process_index)
         self.loss_fn = DifixLoss(
@@ -341,6 +353,10 @@ class DifixTrainer:
         from difix3d.checkpoint import load_difix
 
         model = load_difix(config.model, device=self.device, dtype=torch.float32, base=config.base_model)
+        if self.splits["train"][0].ref is not None and not model.config.reference_views:
+            # The saved model must say it now uses references (its config records how it was trained).
+            logger.info("%s was trained without reference views; this training adds them", config.model)
+            model.config.reference_views = True
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.trainable_names = _trainable_names(model)
@@ -371,9 +387,12 @@ class DifixTrainer:
         )
         self._batches = iter(self.loader)
         if resume_from is not None:
-            _restore_rng(resume_from / f"rng_{self.accelerator.process_index}.pt", self.device)
+            self._restore_rng(resume_from)
         evaluates = self._is_main and config.eval_every > 0 and self.splits["test"]
-        self.lpips_metric = LPIPSMetric("vgg", config.vgg16_weights, self.device) if evaluates else None
+        self.lpips_metric = None
+        if evaluates:
+            lpips_weights = config.vgg16_weights if config.eval_lpips_net == "vgg" else None
+            self.lpips_metric = LPIPSMetric(config.eval_lpips_net, lpips_weights, self.device)
         self.writer = self._tensorboard_writer()
 
     @property
@@ -461,7 +480,7 @@ class DifixTrainer:
                     scores["lpips"].append(float(lpips_value))
                 if len(rows) < self.config.grid_rows:
                     rows.append([image, output, target, ref])
-            metrics = {"step": self.step, "pairs": len(pairs)}
+            metrics = {"step": self.step, "pairs": len(pairs), "lpips_net": self.config.eval_lpips_net}
             metrics.update({name: float(np.mean(values)) for name, values in scores.items() if values})
             grid_path = self.output / "eval" / f"step-{self.step:08d}.png"
             save_image(grid_path, _grid(rows))
@@ -479,26 +498,25 @@ class DifixTrainer:
     # --------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoints/step-N atomically: every process writes into a temporary folder, the
-        main process renames it once all are done, then prunes old checkpoints."""
+        """Write checkpoints/step-N atomically from the main process (into a temporary folder,
+        then renamed) with every process's RNG state, then prune old checkpoints; the others wait."""
+        from accelerate.utils import gather_object
+
         final = self.checkpoint_dir / f"step-{self.step:08d}"
-        staging = self.checkpoint_dir / f".tmp-step-{self.step:08d}"
+        rng_states = gather_object([_rng_state()])  # in process order, on every process
         if self._is_main:
+            staging = self.checkpoint_dir / f".tmp-step-{self.step:08d}"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        if self._is_main:
             model = self.accelerator.unwrap_model(self.model)
             trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if n in self.trainable_names}
             save_file(trainable, staging / "trainable.safetensors")
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             if self.accelerator.scaler is not None:
                 torch.save(self.accelerator.scaler.state_dict(), staging / "grad_scaler.pt")
+            (staging / RNG_STATES_FILE).write_text(json.dumps({"processes": rng_states}))
             state = {"step": self.step, "model": self.config.model, "num_processes": self.accelerator.num_processes}
             (staging / "state.json").write_text(json.dumps(state, indent=2))
-        torch.save(_rng_state(), staging / f"rng_{self.accelerator.process_index}.pt")
-        self.accelerator.wait_for_everyone()
-        if self._is_main:
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
             for old in _checkpoints(self.checkpoint_dir)[: -max(self.config.keep_checkpoints, 1)]:
@@ -526,11 +544,12 @@ class DifixTrainer:
             raise Difix3DError(f"--resume: {directory} was trained from --model {state['model']}, not {self.config.model}")
         if state["num_processes"] != self.accelerator.num_processes:
             logger.warning(
-                "resuming a %d-process run with %d processes: the data order changes from here on",
+                "resuming a %d-process run with %d processes: data order and random states change from here on "
+                "(a resume is exact only with the same number of processes)",
                 state["num_processes"],
                 self.accelerator.num_processes,
             )
-        trainable = load_file(directory / "trainable.safetensors", device=str(self.device))
+        trainable = load_file(directory / "trainable.safetensors")  # on the CPU; copied into the parameters below
         missing = sorted(self.trainable_names - set(trainable))
         if missing:
             raise Difix3DError(f"--resume: {directory} lacks trainable weights, e.g. {', '.join(missing[:3])}")
@@ -538,11 +557,27 @@ class DifixTrainer:
             for name, parameter in model.named_parameters():
                 if name in self.trainable_names:
                     parameter.copy_(trainable[name])
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
+        # Read to the CPU (a process's device may be "cpu:N", which torch.load cannot map to);
+        # load_state_dict moves the state next to its parameters.
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
         if self.accelerator.scaler is not None and (directory / "grad_scaler.pt").is_file():
             self.accelerator.scaler.load_state_dict(torch.load(directory / "grad_scaler.pt", weights_only=True))
         logger.info("resumed from %s (step %d)", directory, state["step"])
         return int(state["step"])
+
+    def _restore_rng(self, directory: Path) -> None:
+        """This process's RNG states from the checkpoint (JSON: nothing in it can run code)."""
+        path = directory / RNG_STATES_FILE
+        if not path.is_file():
+            logger.warning("%s has no %s: continuing with fresh random states", directory, RNG_STATES_FILE)
+            return
+        try:
+            states = json.loads(path.read_text())["processes"]
+            # Another process count was warned about in _load_checkpoint: that run is no replay anyway.
+            if len(states) == self.accelerator.num_processes:
+                _set_rng_state(states[self.accelerator.process_index], self.device)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:  # JSON errors are ValueErrors
+            raise Difix3DError(f"--resume: {path} holds no valid RNG state: {error}") from None
 
     # --------------------------------------------------------------------------- final model
 
@@ -564,7 +599,7 @@ class DifixTrainer:
         if config.perceptual_backbone == "random":
             backbone = "**RANDOM (untrained) VGG-16** — asked for explicitly; LPIPS and Gram terms are not perceptual"
         elif config.lambda_lpips > 0 or config.lambda_gram > 0:
-            backbone = f"ImageNet VGG-16 from `{find_backbone_weights('vgg', config.vgg16_weights)}`"
+            backbone = f"ImageNet VGG-16 from `{find_imagenet_weights('vgg', config.vgg16_weights)}`"
         else:
             backbone = "not used"
         last_eval = next((e for e in reversed(result.evaluations) if e), None)
@@ -574,8 +609,10 @@ class DifixTrainer:
             if last_eval
             else "no evaluation (no test split, or --eval-every 0)"
         )
-        if last_eval and "lpips" not in last_eval:
-            metrics += "; LPIPS unavailable (no VGG-16 ImageNet weights)"
+        if last_eval and "lpips" in last_eval:
+            metrics += f"; LPIPS v0.1 with {describe(config.eval_lpips_net)} ImageNet features"
+        elif last_eval:
+            metrics += f"; LPIPS n/a: {self.lpips_metric.unavailable_reason}"
         layer_weights = ", ".join(f"{w:.4g}" for w in GRAM_LAYER_WEIGHTS)
         return f"""# Difix fine-tuned with difix3d
 
@@ -586,6 +623,8 @@ Load with `difix3d.checkpoint.load_difix("{self.output}")` or `difix3d fix --mod
 {"with" if train[0].ref is not None else "without"} reference views
 - **Steps**: {result.final_step} × batch {config.batch_size} × {self.accelerator.num_processes} process(es); \
 random {self.crop[0]}x{self.crop[1]} crops
+- **Processes**: {self.accelerator.num_processes}; effective batch size {config.batch_size * self.accelerator.num_processes} \
+pairs per step ({config.batch_size} per process)
 - **Optimizer**: AdamW, lr {config.learning_rate:g}, weight decay {config.weight_decay:g}, grad-norm clip {config.max_grad_norm:g}
 - **Precision**: {"fp32" if self.accelerator.mixed_precision == "no" else self.accelerator.mixed_precision + " mixed precision"}; gradient checkpointing {"on" if config.gradient_checkpointing else "off"}
 - **Trained**: UNet (all weights), VAE decoder LoRA and skip convs; VAE encoder frozen
@@ -625,7 +664,14 @@ def train_command(config: Annotated[TrainConfig, tyro.conf.OmitArgPrefixes]) -> 
 
     Runs on CPU or one GPU as is; for several GPUs or nodes: `accelerate launch -m difix3d.cli train ...`.
     """
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from accelerate import PartialState
+
+    # Under `accelerate launch` / `torchrun` only the main process talks: the others keep errors only.
+    if PartialState(cpu=_cpu_only()).is_main_process:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    else:
+        logging.disable(logging.WARNING)
+        warnings.simplefilter("ignore")
     started = time.time()
     result = train(config)
     logger.info("trained to step %d in %.0f s; model and card in %s", result.final_step, time.time() - started, config.output)
@@ -643,6 +689,12 @@ def _check_config(config: TrainConfig) -> None:
         raise Difix3DError(f"--learning-rate must be positive, got {config.learning_rate}")
     if min(config.lambda_l2, config.lambda_lpips, config.lambda_gram) < 0:
         raise Difix3DError("loss weights (--lambda-*) must not be negative")
+
+
+def _cpu_only() -> bool:
+    """Without CUDA, tell accelerate so: it then joins `torchrun` processes with gloo (else each
+    process would train alone and write the same files)."""
+    return not torch.cuda.is_available()
 
 
 def _mixed_precision(choice: str) -> str:
@@ -666,22 +718,28 @@ def _checkpoints(directory: Path) -> list[Path]:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's Python, NumPy, torch (and CUDA) RNG states as plain JSON values."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached_gaussian)],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [device_state.tolist() for device_state in torch.cuda.get_rng_state_all()]
     return state
 
 
-def _restore_rng(path: Path, device: torch.device) -> None:
-    if not path.is_file():
-        logger.warning("no RNG state %s (different number of processes?): continuing with fresh seeds", path.name)
-        return
-    state = torch.load(path, weights_only=False)  # our own file: python and numpy RNG states are pickled tuples
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Inverse of `_rng_state`."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def _seed_everything(seed: int) -> None:

@@ -3,8 +3,9 @@
 Differences from nerfstudio's SplatfactoModel, and why:
 - rasterization goes through `difix3d.rasterize` (gsplat on CUDA, PyTorch on CPU) and nothing calls
   `.cuda()`, so `--machine.device-type cpu` trains;
-- LPIPS comes from `difix3d.metrics`, which never downloads: it is reported only where the AlexNet
-  backbone weights are on disk (torchmetrics' LPIPS would download them at construction);
+- Splatfacto's LPIPS (torchmetrics', which downloads AlexNet at construction) is replaced by
+  `difix3d.metrics.LPIPSMetric("alex")`: the same LPIPS v0.1, with ImageNet weights from
+  `difix3d.imagenet_weights`, never downloaded; where they are missing LPIPS is left out (logged);
 - pseudo-view batches carry a `mask` (applied by the parent) and a `loss_weight` (applied here);
 - `get_outputs_for_camera` adds `rgb_enhanced`: Difix on the render, referenced by the nearest
   training image(s) — the "+" of Difix3D+. Training steps never pay for it.
@@ -41,12 +42,13 @@ class Difix3DGSModel(SplatfactoModel):
     config: Difix3DGSModelConfig
 
     def populate_modules(self) -> None:
-        # The parent moves seed colours to CUDA and builds a downloading LPIPS; give it neither and
-        # apply the seed colours here.
+        # The parent moves seed colours to CUDA: give it none and apply them here. It also builds
+        # torchmetrics' LPIPS, which downloads: it gets difix3d's offline LPIPS instead (a plain
+        # attribute, not a submodule, so its weights stay out of the 3DGS checkpoints).
         seed_points = self.seed_points
         if seed_points is not None:
             self.seed_points = (seed_points[0], seed_points[1][:0])
-        with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **_: None):
+        with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **_: LPIPSMetric("alex")):
             super().populate_modules()
         self.seed_points = seed_points
         if seed_points is not None and not self.config.random_init and len(seed_points[1]) > 0:
@@ -55,8 +57,6 @@ class Difix3DGSModel(SplatfactoModel):
                 self.gauss_params["features_dc"].data = RGB2SH(colours)
             else:
                 self.gauss_params["features_dc"].data = torch.logit(colours, eps=1e-10)
-        del self.lpips
-        self.lpips_metric = LPIPSMetric("alex")
         # A plain attribute, not a submodule: Difix weights stay out of the 3DGS checkpoints.
         self.__dict__["enhancer"] = None
 
@@ -156,11 +156,11 @@ class Difix3DGSModel(SplatfactoModel):
         return metrics, images
 
     def _image_metrics(self, prediction: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
-        """PSNR, SSIM as Splatfacto computes them; LPIPS only where its backbone weights exist."""
+        """PSNR, SSIM and LPIPS (AlexNet) as Splatfacto computes them; LPIPS only where its ImageNet weights exist."""
         prediction = torch.moveaxis(prediction, -1, 0)[None]
         target = torch.moveaxis(target, -1, 0)[None]
         metrics = {"psnr": float(self.psnr(target, prediction).item()), "ssim": float(self.ssim(target, prediction))}
-        lpips = self.lpips_metric(prediction, target)
+        lpips = self.lpips(prediction, target)
         if lpips is not None:
             metrics["lpips"] = float(lpips.mean())
         return metrics

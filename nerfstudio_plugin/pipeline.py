@@ -1,27 +1,35 @@
-"""The Difix3D pipeline: loads Difix before step 0, runs the progressive update's fix rounds, and
-enhances renders (Difix3D+).
+"""The Difix3D pipelines: load Difix before step 0, run the progressive update's fix rounds, and
+enhance renders (Difix3D+), for Splatfacto (`difix3d-gs`) and Nerfacto (`difix3d-nerfacto`).
 
-The round logic (which poses, which references, what is stored where) is `difix3d.progressive`; this
-module only renders with the nerfstudio model, feeds Difix, and hands the results back.
+The Difix3D steps (which poses, which references, fixing, what is stored where, the pseudo-view
+draw, the enhancer) are `difix3d.core`; this module only supplies the nerfstudio model's renders and
+the training images, and schedules the rounds as a training callback.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
+from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from difix3d.checkpoint import load_difix
+from difix3d.core import Difix3DUpdate, Enhancer, EnhancerConfig
 from difix3d.devices import DtypeName, resolve_dtype
-from difix3d.model import Difix
-from difix3d.poses import nearest_poses
-from difix3d.progressive import ProgressiveConfig, ProgressiveUpdater, select_targets
-from nerfstudio_plugin.datamanager import Difix3DDatamanager, Difix3DDatamanagerConfig
+from difix3d.fixer import DifixFixer
+from difix3d.progressive import ProgressiveConfig, select_targets
+from nerfstudio_plugin.datamanager import (
+    Difix3DDatamanager,
+    Difix3DDatamanagerConfig,
+    Difix3DRayDatamanager,
+    Difix3DRayDatamanagerConfig,
+)
 from nerfstudio_plugin.model import Difix3DGSModel, Difix3DGSModelConfig
+from nerfstudio_plugin.nerfacto import Difix3DNerfactoModel, Difix3DNerfactoModelConfig
 
 
 @dataclass
@@ -52,6 +60,10 @@ class Difix3DPipelineConfig(VanillaPipelineConfig):
     """The Difix model."""
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     """The progressive 3D update (fix rounds, pseudo views)."""
+    # A (frozen) instance default rather than a factory: a config.yml written before this option
+    # existed still loads, the class attribute standing in for the missing field.
+    enhancer: EnhancerConfig = EnhancerConfig()
+    """Difix3D+: the final renders (`rgb_enhanced`) fixed by Difix."""
     cpu_threads: int = 1
     """PyTorch threads when running on the CPU (0: PyTorch's default). Splatting small images is
     many small operations, where threads cost more than they give: on 2 cores, 200 steps at 160x120
@@ -65,68 +77,44 @@ class Difix3DPipeline(VanillaPipeline):
 
     def __init__(self, config: Difix3DPipelineConfig, device: str, *args: Any, **kwargs: Any) -> None:
         config.progressive.validate()
+        config.enhancer.validate()
         if torch.device(device).type == "cpu" and config.cpu_threads > 0:
             torch.set_num_threads(config.cpu_threads)
         super().__init__(config, device, *args, **kwargs)
         self.training_poses = self.datamanager.train_dataset.cameras.camera_to_worlds.float().cpu()
-        self.updater: Optional[ProgressiveUpdater] = None
+        self.update: Optional[Difix3DUpdate] = None
         self.trainer = None  # set when training starts (get_training_callbacks)
-        self._saved_progress: Optional[dict] = None
+        self._saved_state: Optional[dict] = None
         # Loaded (and so checked) before step 0: a bad id fails in seconds, not after an hour.
-        # A plain attribute, not a submodule: Difix stays out of the 3DGS checkpoints and of `.to()`.
-        self.__dict__["difix"] = self._load_difix() if config.difix.enabled else None
-        self.model.set_enhancer(self.enhance if self.difix is not None else None)
+        # Not an nn.Module attribute: Difix stays out of the 3D checkpoints and of `.to()`.
+        self.fixer: Optional[DifixFixer] = self._load_fixer() if config.difix.enabled else None
+        self.enhancer: Optional[Enhancer] = None
+        if self.fixer is not None:
+            self.enhancer = Enhancer(config.enhancer, self.fixer, self.training_poses, self.datamanager.training_images)
+        self.model.set_enhancer(self.enhancer)
 
-    def _difix_device(self) -> torch.device:
-        return torch.device(self.config.difix.device or self.device)
-
-    def _load_difix(self) -> Difix:
+    def _load_fixer(self) -> DifixFixer:
         settings = self.config.difix
-        device = self._difix_device()
+        device = torch.device(settings.device or self.device)
         dtype = resolve_dtype(settings.dtype, device)
         difix = load_difix(settings.model, device="cpu" if settings.offload else device, dtype=dtype, base=settings.base)
         CONSOLE.log(f"Difix: {settings.model} on {device} ({dtype}){', offloaded between rounds' if settings.offload else ''}")
-        return difix
-
-    # -- Difix ---------------------------------------------------------------------------------
-
-    def reference_images(self, indices: torch.Tensor) -> torch.Tensor:
-        """Training images [..., H, W, 3] in [0, 1] for training-camera `indices` [...]."""
-        flat = [self.datamanager.cached_train[int(i)]["image"][..., :3] for i in indices.flatten()]
-        images = torch.stack([image.float() / 255 if image.dtype == torch.uint8 else image.float() for image in flat])
-        return images.unflatten(0, indices.shape)
-
-    @torch.no_grad()
-    def run_difix(self, images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-        """Difix on images [B, H, W, 3] with references [B, R, H', W', 3] (channels last, as nerfstudio)."""
-        assert self.difix is not None
-        if self.config.difix.offload:
-            self.difix.to(self._difix_device())
-        try:
-            fixed = self.difix.fix(images.permute(0, 3, 1, 2), references.permute(0, 1, 4, 2, 3).to(images.device))
-        finally:
-            if self.config.difix.offload:
-                self.difix.to("cpu")
-        return fixed.permute(0, 2, 3, 1)
-
-    def enhance(self, rgb: torch.Tensor, camera_to_world: torch.Tensor) -> torch.Tensor:
-        """Difix3D+: fix a render [H, W, 3] with the nearest training image(s) as references."""
-        indices, _ = nearest_poses(camera_to_world[None].float().cpu(), self.training_poses, k=self.config.progressive.num_refs)
-        return self.run_difix(rgb[None], self.reference_images(indices))[0]
+        return DifixFixer(difix, device=device, offload=settings.offload)
 
     # -- the progressive update ----------------------------------------------------------------
 
     def get_training_callbacks(self, attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
         callbacks = super().get_training_callbacks(attributes)
-        if self.difix is None:
+        if self.fixer is None:
             return callbacks
         assert attributes.trainer is not None
         self.trainer = attributes.trainer
-        self._start_updater(attributes.trainer.base_dir / "difix3d")
+        self._start_update(attributes.trainer.base_dir / "difix3d")
         callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], self.fix_round_if_due))
         return callbacks
 
-    def _start_updater(self, output_dir) -> None:
+    def _start_update(self, output_dir) -> None:
+        assert self.fixer is not None
         eval_cameras = self.datamanager.eval_dataset.cameras if len(self.datamanager.eval_dataset) else None
         targets = select_targets(
             self.training_poses,
@@ -135,47 +123,74 @@ class Difix3DPipeline(VanillaPipeline):
         )
         CONSOLE.log(f"Difix3D targets: {len(targets.poses)} poses from {targets.source}"
                     + (" (no eval cameras or camera path: interpolated through the training cameras)" if targets.source == "trajectory" else ""))
-        self.updater = ProgressiveUpdater(self.config.progressive, self.training_poses, targets, output_dir)
-        if self._saved_progress is not None:
-            self.updater.load_state_dict(self._saved_progress)
-            self.updater.write_manifest()
-            CONSOLE.log(f"Difix3D: resumed {self.updater.num_rounds} rounds, {len(self.updater.pseudo_views)} pseudo views")
-        self.datamanager.attach(self.updater)
+        self.update = Difix3DUpdate(
+            self.config.progressive,
+            self.fixer,
+            self.training_poses,
+            targets,
+            output_dir,
+            render=self.render_poses,
+            training_images=self.datamanager.training_images,
+            seed=self.datamanager.config.pseudo_view_seed,
+        )
+        if self._saved_state is not None:
+            self.update.load_state_dict(self._saved_state)
+            self.update.updater.write_manifest()
+            CONSOLE.log(f"Difix3D: resumed {self.update.updater.num_rounds} rounds, {len(self.update.updater.pseudo_views)} pseudo views")
+        self.datamanager.attach(self.update)
+
+    def render_camera(self, camera: Cameras) -> Dict[str, torch.Tensor]:
+        """The model's outputs ("rgb", "accumulation") for one camera, without `rgb_enhanced`."""
+        return self.model.get_outputs(camera)
 
     @torch.no_grad()
-    def fix_round_if_due(self, step: int) -> None:
-        """One round: render the planned poses, fix them with Difix, add them as pseudo views."""
-        assert self.updater is not None
-        if not self.updater.is_fix_step(step):
-            return
-        plan = self.updater.plan_round(step)
-        cameras = [self.datamanager.camera_at(pose, int(refs[0])) for pose, refs in zip(plan.poses, plan.reference_indices)]
+    def render_poses(self, poses: torch.Tensor, intrinsics_of: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The core's render callable: RGB and accumulation of each pose with a training camera's intrinsics."""
+        cameras = [self.datamanager.camera_at(pose, int(index)) for pose, index in zip(poses, intrinsics_of)]
         self.model.eval()
         try:
-            outputs = [self.model.get_outputs(camera.to(self.device)) for camera in cameras]
+            outputs = [self.render_camera(camera.to(self.device)) for camera in cameras]
         finally:
             self.model.train()
-        renders = torch.stack([output["rgb"] for output in outputs])
-        accumulations = torch.stack([output["accumulation"] for output in outputs])
-        references = self.reference_images(plan.reference_indices)
-        fixed = self.run_difix(renders, references.to(renders.device))
-        self.updater.record_round(plan, renders, accumulations, fixed, references)
+        return [output["rgb"] for output in outputs], [output["accumulation"] for output in outputs]
+
+    def fix_round_if_due(self, step: int) -> None:
+        """A fix round when one is due (see `Difix3DUpdate.fix_round_if_due`), then a checkpoint."""
+        assert self.update is not None
+        plan = self.update.fix_round_if_due(step)
+        if plan is None:
+            return
         # A round costs one Difix pass per target: checkpoint now so a resumed run never repeats it.
         self.trainer.save_checkpoint(step)
-        CONSOLE.log(
-            f"Difix3D round {plan.round_index} at step {step}: {len(plan.poses)} pseudo views, "
-            f"{int(plan.snapped.sum())} on target, mean distance to target {plan.distances.mean():.3f}"
-        )
+        CONSOLE.log(self.update.round_summary(plan))
 
     # Resuming: the update's state travels in the pipeline checkpoint (tensors and plain values only,
     # so nerfstudio's `torch.load` reads it with weights_only=True); its images stay on disk.
     def get_extra_state(self) -> Dict[str, Any]:
-        if self.updater is not None:
-            return {"progressive": self.updater.state_dict()}
-        return {"progressive": self._saved_progress} if self._saved_progress is not None else {}
+        if self.update is not None:
+            return self.update.state_dict()
+        return self._saved_state or {}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
-        self._saved_progress = state.get("progressive")
-        if self.updater is not None and self._saved_progress is not None:
-            self.updater.load_state_dict(self._saved_progress)
-            self.datamanager.attach(self.updater)
+        self._saved_state = state if state.get("progressive") is not None else None
+        if self.update is not None and self._saved_state is not None:
+            self.update.load_state_dict(self._saved_state)
+            self.datamanager.attach(self.update)
+
+
+@dataclass
+class Difix3DNerfactoPipelineConfig(Difix3DPipelineConfig):
+    _target: Type = field(default_factory=lambda: Difix3DNerfactoPipeline)
+    datamanager: Difix3DRayDatamanagerConfig = field(default_factory=Difix3DRayDatamanagerConfig)
+    model: Difix3DNerfactoModelConfig = field(default_factory=Difix3DNerfactoModelConfig)
+
+
+class Difix3DNerfactoPipeline(Difix3DPipeline):
+    """The same Difix3D steps on Nerfacto: rounds render whole images from rays."""
+
+    config: Difix3DNerfactoPipelineConfig
+    datamanager: Difix3DRayDatamanager
+    _model: Difix3DNerfactoModel
+
+    def render_camera(self, camera: Cameras) -> Dict[str, torch.Tensor]:
+        return self.model.get_outputs_for_camera_ray_bundle(camera.generate_rays(camera_indices=0, keep_shape=True))

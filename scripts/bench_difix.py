@@ -8,10 +8,16 @@ fixed token ids (tokenizing a two-word prompt costs microseconds).
 
     python scripts/bench_difix.py --device cpu              # tiny at 256x256, sd-turbo at 128x128
     python scripts/bench_difix.py --device cuda             # sd-turbo at 576x1024 and 1080x1920
+    python scripts/bench_difix.py --device cuda --models sd-turbo --compile False True   # eager, then torch.compile
+
+One JSON line per configuration as soon as it is measured (so a run cut short keeps what it has),
+then the whole report. Eager configurations run before compiled ones, then dtypes, reference
+counts and sizes in the order given (put the most wanted first).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import statistics
@@ -57,6 +63,7 @@ class Args:
     repeats: int = 3
     threads: int = 0  # CPU threads; 0: torch's default
     naive: bool = True
+    compile: tuple[bool, ...] = (False,)  # True: torch.compile the model (static shapes; each shape compiles once)
 
 
 class _PeakMemory:
@@ -127,38 +134,47 @@ def _measure(functions: dict, device: torch.device, warmup: int, repeats: int) -
 def _bench_model(name: str, args: Args, device: torch.device) -> list[dict]:
     sizes = args.sizes or _DEFAULT_SIZES[device.type == "cuda", name]
     dtypes = args.dtypes or (("float32",) if device.type == "cpu" else ("bfloat16", "float16"))
-    difix = Difix.from_config(name).eval().to(device)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_TEXT_ENCODERS[name], max_position_embeddings=77)).eval().to(device)
+    with device:  # random initialisation on the device: seconds instead of a minute for sd-turbo on a CPU
+        difix = Difix.from_config(name).eval()
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_TEXT_ENCODERS[name], max_position_embeddings=77)).eval()
     token_ids = torch.randint(0, text_encoder.config.vocab_size, (1, 77), generator=torch.Generator().manual_seed(0)).to(device)
-    rows = []
-    for dtype_name in dtypes:
+    rows, is_compiled = [], False
+    # Eager configurations first: compiling is done in place (`Module.compile`) and cannot be undone.
+    for compiled, dtype_name, num_refs, size in itertools.product(sorted(args.compile), dtypes, args.refs, sizes):
         dtype = DTYPES[dtype_name]
         difix.to(dtype=dtype)
         text_encoder.to(dtype=dtype)
-        for size in sizes:
-            height, width = (int(v) for v in size.lower().split("x"))
-            if height % 8 or width % 8:
-                raise SystemExit(f"bench sizes must be multiples of 8 (the naive path does not pad), got {size}")
-            for num_refs in args.refs:
-                views = torch.rand(1, 1 + num_refs, 3, height, width, device=device)
-                image, refs = views[:, 0], (views[:, 1:] if num_refs else None)
-                scaled = (views * 2 - 1).to(dtype)
-                functions = {"ours": lambda: difix.fix(image, refs)}
-                if args.naive:
-                    functions["naive"] = lambda: _naive_fix(difix, text_encoder, token_ids, scaled)
-                with torch.inference_mode():
-                    measured = _measure(functions, device, args.warmup, args.repeats)
-                ours_ms = measured["ours"][0]
-                row = dict(model=name, dtype=dtype_name, height=height, width=width, refs=num_refs)
-                for path, (milliseconds, peak_mb) in measured.items():
-                    row.update({f"{path}_ms": round(milliseconds, 2), f"{path}_peak_mb": round(peak_mb, 1)})
-                if args.naive:
-                    row["naive_over_ours"] = round(measured["naive"][0] / ours_ms, 3)
-                target = _CUDA_TARGETS_MS.get((height, width))
-                if device.type == "cuda" and name == "sd-turbo" and dtype_name == "bfloat16" and num_refs == 1 and target:
-                    row.update(target_ms=target, meets_target=ours_ms <= target)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        if compiled and not is_compiled:
+            difix.compile(dynamic=False)
+            is_compiled = True
+        height, width = (int(v) for v in size.lower().split("x"))
+        if height % 8 or width % 8:
+            raise SystemExit(f"bench sizes must be multiples of 8 (the naive path does not pad), got {size}")
+        views = torch.rand(1, 1 + num_refs, 3, height, width, device=device)
+        image, refs = views[:, 0], (views[:, 1:] if num_refs else None)
+        scaled = (views * 2 - 1).to(dtype)
+        functions = {"ours": lambda: difix.fix(image, refs)}
+        if args.naive and not compiled:
+            functions["naive"] = lambda: _naive_fix(difix, text_encoder, token_ids, scaled)
+        row = dict(model=name, dtype=dtype_name, height=height, width=width, refs=num_refs, compiled=compiled)
+        with torch.inference_mode():
+            if compiled:  # the first call of a new shape compiles it
+                started = time.perf_counter()
+                difix.fix(image, refs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                row["compile_seconds"] = round(time.perf_counter() - started, 1)
+            measured = _measure(functions, device, args.warmup, args.repeats)
+        ours_ms = measured["ours"][0]
+        for path, (milliseconds, peak_mb) in measured.items():
+            row.update({f"{path}_ms": round(milliseconds, 2), f"{path}_peak_mb": round(peak_mb, 1)})
+        if "naive" in measured:
+            row["naive_over_ours"] = round(measured["naive"][0] / ours_ms, 3)
+        target = _CUDA_TARGETS_MS.get((height, width))
+        if device.type == "cuda" and name == "sd-turbo" and dtype_name == "bfloat16" and num_refs == 1 and target:
+            row.update(target_ms=target, meets_target=ours_ms <= target)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     del difix, text_encoder
     return rows
 

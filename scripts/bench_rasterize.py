@@ -2,7 +2,8 @@
 
 Scenes are random Gaussian clouds in front of one camera (sizes chosen so that 20k Gaussians give
 ~45 overlapping layers per pixel). On CPU this times the pure-PyTorch path; with `--device cuda` it
-times gsplat on the GPU and reports its speed-up over the PyTorch path on this machine's CPU.
+times gsplat on the GPU and reports its speed-up over the PyTorch path on this machine's CPU and the
+largest pixel difference between the two images (parity).
 The target for the PyTorch path is >= 10 forward+backward it/s at 160x120 with 20k Gaussians.
 """
 
@@ -181,6 +182,10 @@ def main(args: Args) -> None:
                 entry["gsplat_cuda"] = time_config(rasterization, scene, width, height, "cuda", repeats)
                 cpu_scene = {k: v.cpu() for k, v in scene.items()}
                 entry["pytorch_cpu"] = time_config(rasterization_torch, cpu_scene, width, height, "cpu", repeats)
+                with torch.no_grad():  # parity: the same scene through both paths
+                    gsplat_image = rasterization(**scene, width=width, height=height, packed=False)[0].cpu()
+                    pytorch_image = rasterization_torch(**cpu_scene, width=width, height=height, packed=False)[0]
+                entry["max_abs_difference_gsplat_vs_pytorch"] = float((gsplat_image - pytorch_image).abs().max())
                 entry["speedup_gsplat_over_pytorch"] = {
                     mode: round(entry["pytorch_cpu"][mode]["seconds"] / entry["gsplat_cuda"][mode]["seconds"], 1)
                     for mode in ("forward", "forward_backward")

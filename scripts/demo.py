@@ -25,6 +25,7 @@ import numpy as np
 import tyro
 
 from difix3d.checkpoint import EMBEDDED_DIFIX
+from difix3d.imagenet_weights import missing_weights_message
 
 BIN = Path(sys.executable).parent
 DEFAULT_DIFIX = EMBEDDED_DIFIX
@@ -119,12 +120,13 @@ def main(demo: Demo) -> None:
     print(f"renders:     {demo.output / 'renders'}/{{plain,difix3d}}/test/")
     print(f"comparison:  {comparison_grid(demo, scene)} (GT | 3DGS | Difix3D | Difix3D+ per held-out view)")
     rows = [("3DGS", plain, ""), ("Difix3D", fixed, ""), ("Difix3D+", fixed, "_enhanced")]
-    print(f"{'method':10s} {'PSNR':>7s} {'SSIM':>7s} {'LPIPS':>7s}")
+    print(f"{'method':10s} {'PSNR':>7s} {'SSIM':>7s} {'LPIPS':>7s}   (LPIPS: AlexNet, lower is better)")
     for label, results, suffix in rows:
         lpips = results.get(f"lpips{suffix}")
         lpips_text = f"{lpips:7.4f}" if lpips is not None else "    n/a"
         print(f"{label:10s} {results[f'psnr{suffix}']:7.2f} {results[f'ssim{suffix}']:7.4f} {lpips_text}")
-    print("(LPIPS n/a: its AlexNet backbone weights are not on disk and are never downloaded.)")
+    if any(f"lpips{suffix}" not in results for _, results, suffix in rows):
+        print(f"(LPIPS n/a: {missing_weights_message('alex')})")
     if demo.model == EMBEDDED_DIFIX:
         print("The embedded Difix is a 1.1M-parameter model trained on procedural scenes, one scene is one sample:"
               " benchmarks/quality.md has its effect over 4 held-out scenes. Use --model nvidia/difix_ref on a GPU.")

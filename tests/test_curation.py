@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -188,6 +192,106 @@ def test_finished_strategies_are_skipped_and_changed_parameters_refused(tiny_sce
         curation.curate(config)
     config.shard = "1/2"  # the only scene belongs to shard 0: nothing to do
     assert curation.curate(config).skipped == []
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def _expected_pair_ids(out: Path, scene_ids) -> list[str]:
+    return sorted(
+        pair["id"]
+        for scene in scene_ids
+        for strategy in ("sparse", "underfit")
+        for pair in json.loads((out / scene / f"{strategy}.json").read_text())["pairs"]
+    )
+
+
+def _dataset_pair_ids(path: Path) -> list[str]:
+    """Every pair ID in the file, duplicates kept (json.loads alone would merge repeated keys)."""
+    ids = []
+
+    def collect(items):
+        ids.extend(key for key, value in items if isinstance(value, dict) and "target_image" in value)
+        return dict(items)
+
+    json.loads(path.read_text(), object_pairs_hook=collect)
+    return sorted(ids)
+
+
+@pytest.fixture
+def two_scenes(tiny_scene, tmp_path) -> list[Path]:
+    """The tiny scene under two folder names (two scene IDs)."""
+    second = tmp_path / "scenes" / "scene_b"
+    shutil.copytree(tiny_scene, second)
+    return [tiny_scene, second]
+
+
+@pytest.mark.slow  # two Python processes importing torch: about a minute on a busy 2-core machine
+def test_concurrent_shards_build_the_dataset_once_with_every_pair(two_scenes, tmp_path):
+    out = tmp_path / "curated"
+    (tmp_path / "rendezvous").mkdir()
+    common = ["curate", *(f"--scene={scene}" for scene in two_scenes), "--out", str(out), "--strategies", "sparse",
+              "underfit", "--steps", "20", "--underfit-fractions", "0.25", "0.75"]  # fmt: skip
+    env = {**os.environ, "FAKE_NERFSTUDIO_RENDEZVOUS": f"{tmp_path / 'rendezvous'}:2"}
+    script = Path(__file__).with_name("fake_nerfstudio.py")
+    shards = [
+        subprocess.Popen([sys.executable, str(script), *common, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [shard.communicate(timeout=600)[0] for shard in shards]
+    assert [shard.returncode for shard in shards] == [0, 0], outputs
+    assert sum("train /" in output for output in outputs) >= 1  # the last to finish built the dataset
+
+    scene_ids = [scene.name for scene in two_scenes]
+    expected = _expected_pair_ids(out, scene_ids)
+    num_views = len(curation.load_scene(two_scenes[0]).names)
+    assert len(expected) == 2 * (num_views - len(range(0, num_views, 4)) + 2 * num_views)
+    assert _dataset_pair_ids(out / "dataset.json") == expected
+    for index in range(2):
+        manifest = json.loads((out / "shards" / f"shard-{index}-of-2.json").read_text())
+        assert manifest["finished"] and manifest["scenes"] == [scene_ids[index]]
+
+
+def test_a_shard_killed_midway_resumes_and_the_last_shard_builds_the_dataset(two_scenes, tmp_path, monkeypatch):
+    from fake_nerfstudio import FakeNerfstudio
+
+    out = tmp_path / "curated"
+    config = CurateConfig(scene=two_scenes, out=out, strategies=("sparse", "underfit"), steps=20, shard="1/2")
+    monkeypatch.setattr(curation, "_Nerfstudio", FakeNerfstudio)
+    result = curation.curate(config)
+    assert result.dataset is None and result.waiting_for == ["0/2"] and not (out / "dataset.json").exists()
+
+    class KilledDuringUnderfit(FakeNerfstudio):
+        def render(self, run_dir, split, split_names, step=None):
+            if "underfit" in str(run_dir):
+                raise KeyboardInterrupt  # as if the job were stopped here
+            return super().render(run_dir, split, split_names, step)
+
+    monkeypatch.setattr(curation, "_Nerfstudio", KilledDuringUnderfit)
+    config.shard = "0/2"
+    with pytest.raises(KeyboardInterrupt):
+        curation.curate(config)
+    assert not json.loads((out / "shards" / "shard-0-of-2.json").read_text())["finished"]
+    assert not (out / "dataset.json").exists()
+
+    monkeypatch.setattr(curation, "_Nerfstudio", FakeNerfstudio)
+    result = curation.curate(config)
+    first = two_scenes[0].name
+    assert result.skipped == [(first, "sparse")] and result.curated == [(first, "underfit")]
+    assert result.dataset == out / "dataset.json" and result.num_train + result.num_test > 0
+    assert _dataset_pair_ids(out / "dataset.json") == _expected_pair_ids(out, [s.name for s in two_scenes])
+
+    config.steps = 30  # another array's shard manifests do not count as finished
+    config.strategies = ("sparse",)
+    assert curation.unfinished_shards(out, 2, curation._array_settings(config, [s.name for s in two_scenes])) == ["0/2", "1/2"]
+
+
+def test_scene_ids_must_be_unique_across_all_shards(tiny_scene, tmp_path):
+    copy = tmp_path / "other" / tiny_scene.name
+    shutil.copytree(tiny_scene, copy)
+    config = CurateConfig(scene=[tiny_scene, copy], out=tmp_path / "out", shard="0/2")
+    with pytest.raises(Difix3DError, match="unique"):
+        curation.curate(config)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -4,7 +4,9 @@ API, saving/loading (difix3d folder, diffusers folder, release .pkl, hub errors)
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from difix3d.attention import MultiViewAttnProcessor
 from difix3d.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_difix, save_release_checkpoint
 from difix3d.errors import Difix3DError
 from difix3d.model import Difix, DifixConfig, skip_channels
@@ -75,6 +78,28 @@ def test_single_view_processor_equals_default(difix: Difix) -> None:
         assert torch.equal(difix.denoise(latents, 1), default.denoise(latents, 1))
         # With two views, the views now see each other.
         assert not torch.allclose(difix.denoise(latents, 2), default.denoise(latents, 1))
+
+
+def test_views_per_call_and_user_processors_kept(difix: Difix) -> None:
+    class Counting(AttnProcessor2_0):
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            Counting.calls += 1
+            return super().__call__(*args, **kwargs)
+
+    model = copy.deepcopy(difix)
+    model.unet.set_attn_processor(Counting())  # a user's processor, set after Difix was built
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        one = model.denoise(latents, 1)
+        two = model.denoise(latents.repeat(2, 1, 1, 1), 2)  # two identical views attend like one
+    assert Counting.calls > 0
+    processors = model.unet.attn_processors.values()
+    assert all(isinstance(p, MultiViewAttnProcessor) and isinstance(p.inner, Counting) for p in processors)
+    # Every layer accepts the view count, so diffusers drops and warns about nothing.
+    assert all("num_views" in inspect.signature(p.__call__).parameters for p in processors)
+    torch.testing.assert_close(two, one.repeat(2, 1, 1, 1), atol=1e-5, rtol=1e-5)
 
 
 def test_reference_changes_target_and_order_does_not_matter(trained: Difix) -> None:
@@ -151,15 +176,52 @@ def test_release_checkpoint_loads_back_identically(difix: Difix, trained: Difix,
     loaded = load_difix(tmp_path / "model_10.pkl", base=tmp_path / "base")
     image, ref = _images(2, 3, 32, 32)
     assert torch.equal(trained.fix(image[None], ref[None]), loaded.fix(image[None], ref[None]))
+    # The release's own .pkl has no `mv_unet`: assumed trained with references; ours records it.
+    assert release["mv_unet"] is True and loaded.config.reference_views
+    reference_free = copy.deepcopy(trained)
+    reference_free.config.reference_views = False
+    save_release_checkpoint(reference_free, tmp_path / "model_20.pkl")
+    assert not load_difix(tmp_path / "model_20.pkl", base=tmp_path / "base").config.reference_views
+    del release["mv_unet"]
+    torch.save(release, tmp_path / "model_30.pkl")
+    assert load_difix(tmp_path / "model_30.pkl", base=tmp_path / "base").config.reference_views
 
 
-def _write_diffusers_folder(difix: Difix, folder, vae_state: dict) -> None:
-    """An SD-Turbo-like pipeline folder: unet/, vae/, a tiny CLIP text_encoder/ and tokenizer/."""
+def _write_diffusers_folder(difix: Difix, folder, vae_state: dict, hub: str | None = None, vae_settings: dict | None = None) -> None:
+    """A pipeline folder laid out like SD-Turbo (`hub=None`) or like the hub repo `nvidia/difix` /
+    `nvidia/difix_ref`: model_index.json, scheduler/, unet/, vae/ (with the release's custom VAE code
+    file and its Difix keys in config.json), a tiny CLIP text_encoder/ and tokenizer/. `difix_ref`
+    ships its multi-view UNet as custom code (unet/unet_2d_condition.py); the code files are stubs,
+    as the loader never runs them."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    unet_module = "unet_2d_condition" if hub == "nvidia/difix_ref" else "diffusers"
+    vae_module = "diffusers" if hub is None else "autoencoder_kl"
+    index = {
+        "_class_name": "StableDiffusionPipeline" if hub is None else "DifixPipeline",
+        "_diffusers_version": "0.25.1",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": True,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": [unet_module, "UNet2DConditionModel"],
+        "vae": [vae_module, "AutoencoderKL"],
+    }
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
     difix.unet.save_pretrained(folder / "unet")
-    (folder / "vae").mkdir(parents=True)
-    (folder / "vae" / "config.json").write_text(json.dumps(dict(difix.vae.config)))
+    (folder / "vae").mkdir()
+    vae_config = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.25.1", **dict(difix.vae.config)}
+    if hub is not None:
+        vae_config.update({"gamma": 1.0, "ignore_skip": False, "lora_rank": 4, **(vae_settings or {})})
+        (folder / "vae" / "autoencoder_kl.py").write_text("# the release's VAE with skip connections (stub)\n")
+    if unet_module != "diffusers":
+        (folder / "unet" / f"{unet_module}.py").write_text("# the release's multi-view UNet (stub)\n")
+    (folder / "vae" / "config.json").write_text(json.dumps(vae_config))
     save_file({k: v.contiguous() for k, v in vae_state.items()}, folder / "vae" / "diffusion_pytorch_model.safetensors")
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in "abcdefghijklmnopqrstuvwxyz":
@@ -176,6 +238,11 @@ def _write_diffusers_folder(difix: Difix, folder, vae_state: dict) -> None:
     CLIPTextModel(text_config).save_pretrained(folder / "text_encoder")
 
 
+def _hub_layout_vae_state(model: Difix) -> dict:
+    """The VAE weights as the hub files hold them: peft-wrapped decoder under the release's adapter name."""
+    return {k.replace(".vae_skip.", ".default."): v for k, v in model.vae.state_dict().items()}
+
+
 def test_diffusers_folders_plain_base_and_peft_wrapped_vae(difix: Difix, trained: Difix, tmp_path) -> None:
     vae_state = trained.vae.state_dict()
     # Plain SD-Turbo layout: no adapters, LoRA-wrapped layers under their plain names.
@@ -186,13 +253,92 @@ def test_diffusers_folders_plain_base_and_peft_wrapped_vae(difix: Difix, trained
     assert torch.equal(base.vae.decoder.conv_in.base_layer.weight, trained.vae.decoder.conv_in.base_layer.weight)
     assert torch.all(base.vae.decoder.conv_in.lora_B["vae_skip"].weight == 0)
     assert torch.all(base.skip_convs()[0].base_layer.weight == 1e-5)
+    assert not base.config.reference_views  # diffusers' own UNet: SD-Turbo never saw references
     # Hub Difix layout: peft-wrapped decoder under another adapter name.
-    wrapped = {k.replace("vae_skip", "default"): v for k, v in vae_state.items()}
-    _write_diffusers_folder(trained, tmp_path / "difix", wrapped)
+    _write_diffusers_folder(trained, tmp_path / "difix", _hub_layout_vae_state(trained), hub="nvidia/difix_ref")
     released = load_difix(tmp_path / "difix")
     released.prompt_embeds.copy_(trained.prompt_embeds)  # the tiny text encoder gives its own prompt
     image = _images(1, 3, 32, 32)
     assert torch.equal(released.fix(image), trained.fix(image))
+
+
+@pytest.fixture(scope="module")
+def hub_folders(trained: Difix, tmp_path_factory) -> dict:
+    """Tiny folders laid out like nvidia/difix and nvidia/difix_ref, both holding `trained`'s weights."""
+    root = tmp_path_factory.mktemp("hub")
+    folders = {}
+    for hub in ("nvidia/difix", "nvidia/difix_ref"):
+        folders[hub] = root / hub.split("/")[1]
+        _write_diffusers_folder(trained, folders[hub], _hub_layout_vae_state(trained), hub=hub)
+    return folders
+
+
+def _load_hub(folder, trained: Difix) -> Difix:
+    model = load_difix(folder)
+    model.prompt_embeds.copy_(trained.prompt_embeds)  # the tiny text encoder gives its own prompt
+    return model
+
+
+def _independent_views(model: Difix, image: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The release's plain-UNet pipeline given a reference: both views through the UNet as a batch,
+    each attending to itself only; the target decoded."""
+    plain = copy.deepcopy(model)
+    plain.unet.set_attn_processor(AttnProcessor2_0())
+    views = torch.stack([image, ref], dim=1) * 2 - 1
+    with torch.no_grad():
+        latents, skips = plain.encode(views.flatten(0, 1))
+        clean = plain.unet(latents, 199, encoder_hidden_states=plain.prompt_embeds.expand(2, -1, -1)).sample
+        clean = (latents - plain._x0_eps_scale * clean) * plain._x0_scale
+        target = plain.decode(clean[:1], [skip[:1] for skip in skips]).clamp(-1, 1)
+    return (target + 1) / 2
+
+
+@pytest.mark.parametrize("hub", ["nvidia/difix", "nvidia/difix_ref"])
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_hub_layouts_decide_reference_attention(hub, with_reference, hub_folders, trained: Difix, caplog) -> None:
+    model = _load_hub(hub_folders[hub], trained)
+    uses_references = hub == "nvidia/difix_ref"
+    assert model.config.reference_views is uses_references
+    image, ref = _images(2, 1, 3, 32, 32, seed=3)
+    refs = ref if with_reference else None
+    with caplog.at_level(logging.INFO, logger="difix3d.model"):
+        fixed = model.fix(image, refs)
+        assert torch.equal(model.fix(image, refs), fixed)  # a second call logs nothing more
+    logged = [record for record in caplog.records if record.name == "difix3d.model"]
+    if uses_references and with_reference:  # the joint multi-view attention of Difix-ref
+        assert torch.equal(fixed, trained.fix(image, ref)) and not logged
+        assert (fixed - trained.fix(image)).abs().max() > 1e-3
+    elif uses_references:  # allowed, and said once
+        assert torch.equal(fixed, trained.fix(image))
+        assert len(logged) == 1 and "trained with reference views" in logged[0].getMessage()
+    elif with_reference:  # nvidia/difix: the reference is ignored, as the release's plain UNet does
+        assert torch.equal(fixed, model.fix(image))
+        torch.testing.assert_close(fixed, _independent_views(model, image, ref), atol=1e-5, rtol=0)
+        assert len(logged) == 1 and logged[0].levelno == logging.WARNING and "ignored" in logged[0].getMessage()
+    else:
+        assert torch.equal(fixed, trained.fix(image)) and not logged
+
+
+def test_hub_vae_config_gamma_ignore_skip_and_rank_are_honoured(trained: Difix, tmp_path, caplog, monkeypatch) -> None:
+    monkeypatch.setattr(logging.getLogger("diffusers"), "propagate", True)  # diffusers keeps its logs to itself
+    caplog.set_level(logging.WARNING, logger="diffusers")
+    image = _images(1, 3, 32, 32, seed=4)
+    half_gamma = copy.deepcopy(trained)
+    half_gamma.gamma = 0.5
+    _write_diffusers_folder(trained, tmp_path / "gamma", _hub_layout_vae_state(trained), hub="nvidia/difix", vae_settings={"gamma": 0.5})
+    loaded = _load_hub(tmp_path / "gamma", trained)
+    assert loaded.config.gamma == 0.5 and loaded.config.lora_rank == 4
+    assert torch.equal(loaded.fix(image), half_gamma.fix(image))
+    assert (loaded.fix(image) - trained.fix(image)).abs().max() > 1e-4
+    _write_diffusers_folder(trained, tmp_path / "noskip", _hub_layout_vae_state(trained), hub="nvidia/difix", vae_settings={"ignore_skip": True})
+    no_skip = copy.deepcopy(trained)
+    no_skip.gamma = 0.0
+    assert torch.equal(_load_hub(tmp_path / "noskip", trained).fix(image), no_skip.fix(image))
+    assert not [r for r in caplog.records if "will be ignored" in r.getMessage()]  # diffusers' unknown-key warning
+    # A rank the weights do not have is a one-line error, not a silent reinterpretation.
+    _write_diffusers_folder(trained, tmp_path / "rank", _hub_layout_vae_state(trained), hub="nvidia/difix", vae_settings={"lora_rank": 2})
+    with pytest.raises(Difix3DError, match="shape checkpoint != model"):
+        load_difix(tmp_path / "rank")
 
 
 def test_offline_hub_id_gives_one_clear_error(monkeypatch, tmp_path) -> None:

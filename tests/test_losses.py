@@ -6,18 +6,15 @@ import pytest
 import torch
 import torchvision
 
-from difix3d import metrics
+from difix3d import imagenet_weights, metrics
 from difix3d.errors import Difix3DError
 from difix3d.losses import GRAM_LAYER_WEIGHTS, DifixLoss, gram_loss, gram_matrix
 
 
 @pytest.fixture
-def empty_hub(tmp_path, monkeypatch):
-    """A torch hub dir with no cached weights and no env override."""
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.delenv("DIFIX3D_VGG16_WEIGHTS", raising=False)
-    monkeypatch.delenv("DIFIX3D_ALEXNET_WEIGHTS", raising=False)
-    return tmp_path / "hub"
+def empty_hub(no_imagenet_weights):
+    """The torch hub dir, with no cached weights (and no other source of ImageNet weights)."""
+    return no_imagenet_weights / "hub"
 
 
 def _images(seed=0, shape=(2, 3, 32, 32)):
@@ -60,7 +57,7 @@ def test_lpips_loads_backbone_from_hub_cache(empty_hub, net, builder):
     state = builder().state_dict()
     checkpoint_dir = empty_hub / "checkpoints"
     checkpoint_dir.mkdir(parents=True)
-    torch.save(state, checkpoint_dir / metrics._hub_file_name(net))
+    torch.save(state, imagenet_weights.torchvision_hub_file(net))
     metric = metrics.LPIPSMetric(net)
     assert metric.available
     assert torch.equal(metric.model.net.slice1[0].weight, state["features.0.weight"])
@@ -74,7 +71,7 @@ def test_explicit_backbone_path_missing_is_an_error(empty_hub, tmp_path, monkeyp
         metrics.LPIPSMetric("vgg", weights_path=tmp_path / "nope.pth")
     monkeypatch.setenv("DIFIX3D_VGG16_WEIGHTS", str(tmp_path / "env.pth"))
     with pytest.raises(Difix3DError, match="env.pth"):
-        metrics.find_backbone_weights("vgg")
+        imagenet_weights.find_imagenet_weights("vgg")
 
 
 def test_gram_loss_matches_hand_computation():
@@ -121,3 +118,11 @@ def test_random_backbone_is_reproducible_and_pretrained_missing_is_an_error(empt
         DifixLoss(perceptual_backbone="pretrained")
     # Without perceptual terms no backbone is needed.
     assert DifixLoss(lambda_lpips=0, lambda_gram=0).vgg is None
+
+
+@pytest.mark.skipif(imagenet_weights.find_imagenet_weights("vgg") is None, reason="no VGG-16 ImageNet weights (run `difix3d weights`)")
+def test_default_loss_uses_the_imagenet_vgg16():
+    loss = DifixLoss()
+    features = imagenet_weights.load_imagenet_features("vgg")
+    assert torch.equal(loss.vgg.net.slice1[0].weight, features["0.weight"])
+    assert torch.equal(getattr(loss.vgg.net.slice5, "28").weight, features["28.weight"])

@@ -11,6 +11,7 @@ import torch
 from difix3d.checkpoint import load_difix
 from difix3d.cli import main
 from difix3d.errors import Difix3DError
+from difix3d.imagenet_weights import find_imagenet_weights
 from difix3d.training import TrainConfig, load_dataset, load_pair_images, train
 
 
@@ -66,12 +67,16 @@ def test_training_lowers_the_loss_and_writes_its_outputs(full_run):
     assert len(result.losses) == 30 and result.final_step == 30
     assert np.mean(result.losses[-5:]) < 0.9 * np.mean(result.losses[:5])
     assert [e["step"] for e in result.evaluations] == [15, 30]
-    assert {"psnr", "ssim"} <= set(result.evaluations[-1]) and "lpips" not in result.evaluations[-1]
+    assert {"psnr", "ssim"} <= set(result.evaluations[-1]) and result.evaluations[-1]["lpips_net"] == "alex"
+    # LPIPS (AlexNet) is reported where its ImageNet weights are present (`difix3d weights`), else said n/a.
+    has_alexnet = find_imagenet_weights("alex") is not None
+    assert ("lpips" in result.evaluations[-1]) == has_alexnet
     assert (output / "eval" / "step-00000030.png").is_file()
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000020", "step-00000030"]
     assert any((output / "tensorboard").iterdir())
     card = (output / "README.md").read_text()
     assert "RANDOM (untrained) VGG-16" in card and "30 ×" in card and "tiny" in card
+    assert ("LPIPS v0.1 with AlexNet" if has_alexnet else "LPIPS n/a: AlexNet ImageNet weights not found") in card
 
 
 def test_only_the_trainable_parts_change(full_run):

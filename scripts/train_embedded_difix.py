@@ -1,0 +1,186 @@
+"""Train the embedded Difix from scratch on procedural scenes, one resumable stage at a time.
+
+Stages (each skipped when its result is on disk, so the job can span sessions):
+1. scenes: `--num-scenes` procedural training scenes (seeds from `TRAIN_SEED_START`, disjoint from
+   every benchmark seed), without SfM (the ground-truth engine knows the true poses);
+2. pairs: the ground-truth data engine (`difix3d.ground_truth_pairs`) on each scene, then the
+   dataset JSON (`difix3d.curation.assemble_dataset`);
+3. autoencoder: the VAE (encoder, decoder, skip convs) of a fresh `--architecture` Difix trained as an
+   autoencoder on the scenes' clean views, checked on held-out scenes (`difix3d.autoencoder`); it
+   needs no pairs, so it can run beside stage 2 (`--stages autoencoder`);
+4. difix: `difix3d train` from that start, with the paper's loss (L2 + LPIPS + Gram on ImageNet VGG-16).
+
+Each stage adds its figures (CPU seconds, autoencoder PSNR, Difix scores) to WORK/record.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+from tqdm.auto import tqdm
+
+TRAIN_SEED_START = 3000
+"""Training scenes use seeds TRAIN_SEED_START, TRAIN_SEED_START + 1, ...; benchmark seeds lie below."""
+AUTOENCODER_HELD_OUT_SCENES = 4
+TEST_FRACTION = 0.05
+
+
+@dataclass
+class Settings:
+    work: Path = Path("difix_training_work")
+    """Scenes, pairs, the autoencoder and the Difix run (resumable)."""
+    num_scenes: int = 32
+    shard: str | None = None
+    """"i/n": stages 1-2 for scenes i, i+n, ... only (run several processes side by side)."""
+    stages: tuple[str, ...] = ("scenes", "pairs", "autoencoder", "difix")
+    """Stages to run (each skips what is already on disk)."""
+    width: int = 160
+    height: int = 120
+    steps_3dgs: int = 1000
+    architecture: str = "small"
+    autoencoder_steps: int = 3000
+    autoencoder_lr: float = 1e-3
+    difix_steps: int = 10_000
+    difix_lr: float = 2e-4
+    """A from-scratch UNet needs far more than the release's 2e-5 (which fine-tunes SD-Turbo)."""
+    crop: int = 160
+    """Crop side for Difix training (160 at 160x120: whole images, so holes keep their context)."""
+    lambda_lpips: float = 1.0
+    lambda_gram: float = 0.5
+    """The paper's L = L2 + LPIPS + 0.5 Gram."""
+    gram_warmup_steps: int = 2000
+
+
+def log(message: str) -> None:
+    print(f"[train_embedded_difix {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def record(settings: Settings, stage: str, values: dict) -> None:
+    path = settings.work / "record.json"
+    content = json.loads(path.read_text()) if path.is_file() else {}
+    content[stage] = {**content.get(stage, {}), **values}
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(content, indent=1))
+    temporary.replace(path)
+
+
+def scene_dirs(settings: Settings) -> list[Path]:
+    from difix3d.curation import parse_shard
+
+    index, count = parse_shard(settings.shard)
+    seeds = range(TRAIN_SEED_START, TRAIN_SEED_START + settings.num_scenes)
+    return [settings.work / "scenes" / f"train_{seed}" for seed in seeds][index::count]
+
+
+def build_scenes(settings: Settings) -> None:
+    from difix3d.scenes import GROUND_TRUTH_FILE, build_scene
+
+    started = time.process_time()
+    for folder in tqdm(scene_dirs(settings), desc="scenes", unit="scene"):
+        if not (folder / GROUND_TRUTH_FILE).is_file():
+            seed = int(folder.name.split("_")[1])
+            build_scene(folder, seed=seed, width=settings.width, height=settings.height, overwrite=True,
+                        log=lambda message: None, sfm=False)  # fmt: skip
+    record(settings, f"scenes{_shard_suffix(settings)}", {"cpu_seconds": round(time.process_time() - started, 1)})
+
+
+def curate_pairs(settings: Settings) -> None:
+    from difix3d.curation import CurateConfig, curate
+
+    started = time.process_time()
+    result = curate(CurateConfig(scene=scene_dirs(dataclasses.replace(settings, shard=None)), out=settings.work / "pairs",
+                                 strategies=("ground-truth",), ground_truth_steps=settings.steps_3dgs,
+                                 test_fraction=TEST_FRACTION, shard=settings.shard))  # fmt: skip
+    record(settings, f"pairs{_shard_suffix(settings)}", {"cpu_seconds": round(time.process_time() - started, 1)})
+    if result.dataset is not None:
+        log(f"dataset: {result.num_train} train / {result.num_test} test pairs")
+
+
+def scene_images(folders: list[Path]) -> torch.Tensor:
+    """Every view of the given scene folders, [N, 3, H, W] in [-1, 1]."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    files = sorted(path for folder in folders for path in (folder / "images").glob("*.png"))
+    return torch.stack([torch.from_numpy(np.ascontiguousarray(iio.imread(path)[..., :3])).permute(2, 0, 1).float() / 127.5 - 1
+                        for path in files])  # fmt: skip
+
+
+def train_autoencoder(settings: Settings) -> Path:
+    """Stage 3, on the clean views of every scene; the last `AUTOENCODER_HELD_OUT_SCENES` scenes are
+    held out for the PSNR check (the pairs are not needed: this can run while they are curated)."""
+    from difix3d.autoencoder import AutoencoderConfig, autoencoder_psnr, pretrain_autoencoder
+    from difix3d.checkpoint import WEIGHTS_FILE, save_pretrained
+    from difix3d.model import Difix
+
+    folder = settings.work / "autoencoder"
+    if (folder / WEIGHTS_FILE).is_file():
+        return folder
+    folders = scene_dirs(dataclasses.replace(settings, shard=None))
+    images = {"train": scene_images(folders[:-AUTOENCODER_HELD_OUT_SCENES]),
+              "test": scene_images(folders[-AUTOENCODER_HELD_OUT_SCENES:])}  # fmt: skip
+    log(f"autoencoder: {len(images['train'])} clean training images, {len(images['test'])} held out")
+    started = time.process_time()
+    difix = Difix.from_config(settings.architecture)
+    config = AutoencoderConfig(steps=settings.autoencoder_steps, learning_rate=settings.autoencoder_lr)
+    settings.work.mkdir(parents=True, exist_ok=True)
+    pretrain_autoencoder(difix, images["train"], config, checkpoint=settings.work / "autoencoder_checkpoint.pt", checkpoint_every=50,
+                         on_log=lambda step, loss: log(f"autoencoder step {step}: L2 {loss:.5f}"))  # fmt: skip
+    held_out = autoencoder_psnr(difix, images["test"])
+    log(f"autoencoder reproduces held-out images at {held_out:.2f} dB PSNR")
+    save_pretrained(difix, folder)
+    record(settings, "autoencoder", {
+        "architecture": settings.architecture, "steps": settings.autoencoder_steps, "held_out_psnr": round(held_out, 2),
+        "train_images": len(images["train"]), "held_out_images": len(images["test"]),
+        "cpu_seconds": round(time.process_time() - started, 1),
+    })  # fmt: skip
+    return folder
+
+
+def train_difix(settings: Settings, dataset: Path, start: Path) -> None:
+    from difix3d.training import TrainConfig, train
+
+    folder = settings.work / "difix"
+    started = time.process_time()
+    result = train(
+        TrainConfig(
+            dataset=dataset, output=folder, model=str(start), steps=settings.difix_steps, crop_size=settings.crop,
+            learning_rate=settings.difix_lr, lambda_lpips=settings.lambda_lpips, lambda_gram=settings.lambda_gram,
+            gram_warmup_steps=settings.gram_warmup_steps, eval_every=1000, checkpoint_every=250, eval_max_pairs=64,
+            resume=(folder / "checkpoints").is_dir(),
+        )
+    )  # fmt: skip
+    record(settings, "difix", {"steps": result.final_step, "evaluations": result.evaluations,
+                               "cpu_seconds_this_run": round(time.process_time() - started, 1)})  # fmt: skip
+
+
+def _shard_suffix(settings: Settings) -> str:
+    return "" if settings.shard is None else f"_shard_{settings.shard.replace('/', '_of_')}"
+
+
+def main(settings: Settings) -> None:
+    torch.set_num_threads(1)  # an entry point: one thread is fastest on a shared 2-core machine
+    if "scenes" in settings.stages:
+        build_scenes(settings)
+    if "pairs" in settings.stages:
+        curate_pairs(settings)
+    if settings.shard is not None:
+        return  # the shared stages run in one process
+    if "autoencoder" in settings.stages:
+        train_autoencoder(settings)
+    if "difix" in settings.stages:
+        from difix3d.curation import assemble_dataset
+
+        assemble_dataset(settings.work / "pairs", test_fraction=TEST_FRACTION)
+        train_difix(settings, settings.work / "pairs" / "dataset.json", settings.work / "autoencoder")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Settings))

@@ -1,0 +1,99 @@
+"""The ground-truth data engine and the autoencoder stage, on a tiny procedural scene."""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+from difix3d.autoencoder import AutoencoderConfig, autoencoder_psnr, pretrain_autoencoder
+from difix3d.curation import CurateConfig, curate
+from difix3d.errors import Difix3DError
+from difix3d.ground_truth_pairs import GroundTruthPairsConfig, novel_poses
+from difix3d.model import Difix
+from difix3d.scenes import build_scene, load_ground_truth
+
+TINY = GroundTruthPairsConfig(
+    steps=12, snapshot_steps=(6, 12), num_extreme=2, progress_fractions=(0.5,), num_wide=1, seed_points=300, supersample=1
+)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gt") / "scene_a"
+    build_scene(folder, seed=5, width=64, height=48, num_train=4, num_eval=1, log=lambda message: None, sfm=False)
+    return folder
+
+
+def test_novel_poses_are_named_seeded_and_inside_the_room(scene):
+    truth = load_ground_truth(scene)
+    poses = novel_poses(truth, TINY)
+    assert list(poses) == ["extreme_000", "extreme_000_at_50", "extreme_001", "extreme_001_at_50", "wide_000"]
+    assert all(np.allclose(poses[name], again) for name, again in novel_poses(truth, TINY).items())
+    for pose in poses.values():
+        assert np.allclose(pose[:3, :3] @ pose[:3, :3].T, np.eye(3), atol=1e-6)
+        assert np.all(np.abs(pose[:2, 3]) < truth.layout.room_half_size) and 0 < pose[2, 3] < truth.layout.room_height
+
+
+def test_curate_ground_truth_pairs_renders_with_truth_and_nearest_training_view(scene, tmp_path):
+    out = tmp_path / "pairs"
+    config = CurateConfig(scene=[scene], out=out, strategies=("ground-truth",), ground_truth_steps=10,
+                          ground_truth_extreme=2, ground_truth_wide=1, test_fraction=0.0)  # fmt: skip
+    result = curate(config)
+    assert result.curated == [("scene_a", "ground-truth")] and result.num_train == 7 * 3
+    pairs = json.loads((out / "scene_a" / "ground-truth.json").read_text())["pairs"]
+    assert {pair["step"] for pair in pairs} == {4, 7, 10}
+    truth = load_ground_truth(scene)
+    train_names = {frame.name for frame in truth.frames if frame.split == "train"}
+    for pair in pairs:
+        for key in ("image", "target_image", "ref_image"):
+            assert iio.imread(out / pair[key]).shape == (48, 64, 3)
+        assert pair["ref_view"] in train_names
+    # The target is the ray-traced truth at the pair's pose.
+    pair = pairs[0]
+    expected = truth.render(np.array(pair["pose"]), supersample=4).rgb
+    assert np.abs(iio.imread(out / pair["target_image"]) / 255 - expected).max() <= 0.5 / 255 + 1e-4
+    # Finished scenes are skipped; other parameters are refused.
+    assert curate(config).skipped == [("scene_a", "ground-truth")]
+    with pytest.raises(Difix3DError, match="curated with"):
+        curate(CurateConfig(**{**vars(config), "ground_truth_steps": 12}))
+
+
+def test_autoencoder_pretraining_learns_to_reproduce(scene):
+    images = torch.stack([torch.from_numpy(iio.imread(path)[..., :3]).permute(2, 0, 1).float() / 127.5 - 1
+                          for path in sorted((scene / "images").glob("*.png"))])  # fmt: skip
+    difix = Difix.from_config("tiny")
+    before = autoencoder_psnr(difix, images)
+    pretrain_autoencoder(difix, images, AutoencoderConfig(steps=40, batch_size=2, crop=48, learning_rate=3e-3), progress=False)
+    after = autoencoder_psnr(difix, images)
+    assert after > before + 3
+    # Back to Difix's training split: only the adapters of the VAE are trainable.
+    trainable = {name for name, parameter in difix.vae.named_parameters() if parameter.requires_grad}
+    assert trainable and all("lora_" in name or "skip_conv_" in name for name in trainable)
+
+
+def test_autoencoder_resumes_exactly_from_its_checkpoint(tmp_path, monkeypatch):
+    import difix3d.autoencoder
+
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    config = AutoencoderConfig(steps=6, batch_size=2, crop=24, learning_rate=1e-3)
+    straight = pretrain_autoencoder(Difix.from_config("tiny"), images, config, progress=False)
+
+    checkpoint = tmp_path / "autoencoder.pt"
+    real_replace = difix3d.autoencoder.os.replace
+
+    def replace_then_die(source, destination):  # the process is killed right after its step-3 checkpoint
+        real_replace(source, destination)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(difix3d.autoencoder.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_autoencoder(Difix.from_config("tiny"), images, config, progress=False, checkpoint=checkpoint, checkpoint_every=3)
+    monkeypatch.setattr(difix3d.autoencoder.os, "replace", real_replace)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 3
+    resumed = pretrain_autoencoder(Difix.from_config("tiny"), images, config, progress=False, checkpoint=checkpoint, checkpoint_every=3)
+    for (name, a), b in zip(straight.vae.state_dict().items(), resumed.vae.state_dict().values()):
+        assert torch.equal(a, b), name
