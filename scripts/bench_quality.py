@@ -653,10 +653,10 @@ class Scorer:
     """PSNR, SSIM and (when the AlexNet weights exist) LPIPS of one image against its ground truth."""
 
     def __init__(self):
-        from difix3d.metrics import LPIPSMetric, missing_backbone_message
+        from difix3d.metrics import LPIPSMetric
 
         self.lpips = LPIPSMetric("alex")
-        self.lpips_unavailable = None if self.lpips.available else missing_backbone_message("alex")
+        self.lpips_unavailable = self.lpips.unavailable_reason
 
     def __call__(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         from difix3d.metrics import psnr, ssim

@@ -39,6 +39,7 @@ def test_quick_benchmark_reports_resumes_repeats_and_refuses_other_code(tmp_path
     assert set(summary["methods"]) == set(METHODS)
     assert {"mean", "std"} <= set(summary["methods"]["difix3d+"]["psnr"])
     assert "lpips" in summary["methods"]["3dgs"]  # a {mean, std} or None with the reason below
+    assert summary["lpips"]["available"] == (summary["methods"]["3dgs"]["lpips"] is not None)
     assert summary["lpips"]["available"] or "AlexNet" in summary["lpips"]["reason"]
     assert report["code"]["current"]["commit"] and len(report["code"]["stages"]) == 1
     assert set(summary["paired_differences"]) == {"difix3d - 3dgs", "difix3d+ - 3dgs", "difix_on_3dgs - 3dgs", "difix3d+ - difix3d"}
