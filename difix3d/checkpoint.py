@@ -2,7 +2,8 @@
 
 Sources, all turned into (DifixConfig, state dict in Difix's own key layout) and then loaded
 strictly, with an error that lists the first mismatches:
-- "tiny" / "sd-turbo": random weights (`Difix.from_config`);
+- "random-tiny-architecture" / "random-sd-turbo-architecture": random weights (`Difix.from_config`),
+  for tests and timing; the bare architecture names are refused so that noise is never loaded by accident;
 - a difix3d folder (`save_pretrained`: `difix3d_config.json` + `model.safetensors`);
 - a diffusers folder with `unet/`, `vae/` (and `text_encoder/` + `tokenizer/` to encode the
   prompt): SD-Turbo itself (the Difix additions start from their initialisation) or a released
@@ -33,7 +34,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from difix3d.errors import Difix3DError
-from difix3d.model_ids import DEFAULT_BASE, EMBEDDED_DIFIX  # noqa: F401  (re-exported)
+from difix3d.model_ids import (  # noqa: F401  (DEFAULT_BASE, EMBEDDED_DIFIX re-exported)
+    DEFAULT_BASE,
+    EMBEDDED_DIFIX,
+    random_weights_architecture,
+    random_weights_name,
+)
 from difix3d.model import LORA_ADAPTER, NAMED_ARCHITECTURES, Difix, DifixConfig, is_adapter_key
 
 logger = logging.getLogger(__name__)
@@ -74,11 +80,18 @@ def load_difix(
     """Load a Difix from a name, a folder, a hub id or a release checkpoint (see the module doc).
 
     `base` is only used for a release `.pkl`: the SD-Turbo (or other) model it was trained from.
-    Random weights only come from the names "tiny" and "sd-turbo". Returns the model in eval mode.
+    Random weights only come from the names "random-tiny-architecture" and "random-sd-turbo-architecture".
+    Returns the model in eval mode.
     """
     spec = str(spec)
-    if spec in NAMED_ARCHITECTURES:
-        difix = Difix.from_config(spec)
+    random_architecture = random_weights_architecture(spec)
+    if random_architecture in NAMED_ARCHITECTURES:
+        difix = Difix.from_config(random_architecture)
+    elif spec in NAMED_ARCHITECTURES:
+        raise Difix3DError(
+            f"{spec!r} names an architecture, not trained weights: use a trained Difix (nvidia/difix_ref, "
+            f"a folder, a release .pkl); random weights, for tests only, are {random_weights_name(spec)!r}"
+        )
     elif Path(spec).expanduser().is_file() and Path(spec).suffix.lower() in RELEASE_SUFFIXES:
         difix = load_release_checkpoint(Path(spec).expanduser(), base=base)
     else:
@@ -140,7 +153,7 @@ def load_release_checkpoint(path: str | os.PathLike, base: str | os.PathLike = D
     try:
         release = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for corrupt or foreign files
-        raise Difix3DError(f"cannot read release checkpoint {path}: {error}") from None
+        raise Difix3DError(f"cannot read release checkpoint {path}: {_load_failure(error)}") from None
     required = ("state_dict_unet", "state_dict_vae", "vae_lora_target_modules", "rank_vae")
     if not isinstance(release, dict) or any(key not in release for key in required):
         found = sorted(release) if isinstance(release, dict) else type(release).__name__
@@ -170,7 +183,7 @@ def _read_model(spec: str) -> tuple[DifixConfig, StateDict]:
     if not path.is_dir():
         if path.exists() or not _looks_like_hub_id(spec):
             raise Difix3DError(
-                f"no Difix model at {spec!r}: expected tiny, sd-turbo, a hub id (owner/name), "
+                f"no Difix model at {spec!r}: expected a hub id (owner/name, e.g. nvidia/difix_ref), "
                 f"a difix3d or diffusers folder, or a release checkpoint ({', '.join(RELEASE_SUFFIXES)})"
             )
         path = _download(spec)
@@ -204,7 +217,7 @@ def _download(repo_id: str) -> Path:
         raise Difix3DError(
             f"cannot get Difix model {repo_id!r}: tried {tried}: {reason}. "
             f"On a machine with network access run `hf download {repo_id} --local-dir DIR`, "
-            f"then pass the folder (--model DIR, or load_difix('DIR'))"
+            f"then give that folder as the model instead of the id"
         ) from None
 
 
@@ -271,7 +284,22 @@ def _read_weights(path: Path) -> StateDict:
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # missing, truncated or foreign files
-        raise Difix3DError(f"cannot read weights {path}: {error}") from None
+        raise Difix3DError(f"cannot read weights {path}: {_load_failure(error)}") from None
+
+
+def _load_failure(error: Exception) -> str:
+    """Why a file did not load, in one line. torch's own message for a refused pickle advises
+    `weights_only=False` (arbitrary code execution): never pass that on."""
+    text = str(error).strip()
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].strip()
+        foreign = re.search(r"GLOBAL (\S+)", detail)
+        if foreign:
+            return f"it holds a Python object ({foreign.group(1)}) besides tensors, which is never unpickled; not a Difix checkpoint"
+        return f"not a PyTorch checkpoint ({detail})"
+    if isinstance(error, EOFError) or not text:
+        return "the file is empty or truncated"
+    return text.splitlines()[0]
 
 
 def encode_prompt(folder: Path, prompt: str) -> torch.Tensor:

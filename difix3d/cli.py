@@ -11,6 +11,7 @@ import sys
 import tyro
 
 from difix3d.errors import Difix3DError
+from difix3d.runtime import configure_cpu_runtime
 
 
 def _commands() -> dict:
@@ -27,6 +28,10 @@ def _commands() -> dict:
 
 
 def main(args: list[str] | None = None) -> None:
+    # Ray-tracing a scene is many small operations, where threads mostly wait on busy cores; the
+    # other commands (Difix's convolutions) keep PyTorch's default thread count.
+    command = (sys.argv[1:] if args is None else args)[:1]
+    configure_cpu_runtime(1 if command == ["scene"] else None)
     try:
         tyro.extras.subcommand_cli_from_dict(_commands(), args=args, description=__doc__.splitlines()[0])
     except Difix3DError as error:

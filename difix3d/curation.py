@@ -72,15 +72,15 @@ import tyro
 from tqdm.auto import tqdm
 
 from difix3d.errors import Difix3DError
+from difix3d.model_ids import PROMPT
 from difix3d.poses import pairwise_pose_distance
-from difix3d.progressive import atomic_write_bytes
+from difix3d.files import atomic_write_bytes
 from difix3d.sfm import camera_to_world
 
 Strategy = Literal["sparse", "underfit", "cross", "cycle", "ground-truth"]
 GROUND_TRUTH = "ground-truth"
 DATASET_FILE = "dataset.json"
 SHARDS_FOLDER = "shards"
-PROMPT = "remove degradation"
 _LOG_TAIL_CHARS = 2000
 _NEVER = 1_000_000_000  # an evaluation interval nerfstudio never reaches
 

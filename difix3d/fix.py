@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from difix3d.model_ids import DEFAULT_BASE, EMBEDDED_DIFIX
+from difix3d.model_ids import DEFAULT_BASE, EMBEDDED_DIFIX, random_weights_architecture
 from difix3d.devices import DtypeName, resolve_device, resolve_dtype
 from difix3d.errors import Difix3DError
 from difix3d.images import IMAGE_SUFFIXES, is_video, list_images, load_image, read_video, save_image
@@ -37,8 +37,8 @@ def fix_command(
         output: Folder for the fixed images (named after the inputs; video frames as NAME_00000.png).
         ref: Optional reference image, or a folder paired with the inputs by file name, else by order
             (ignored, with a warning, by a model trained without references such as nvidia/difix).
-        model: Hub id (e.g. nvidia/difix_ref), difix3d or diffusers folder, release .pkl, or "tiny" (random
-            weights, for tests); default: the embedded tiny Difix trained on procedural scenes.
+        model: Hub id (e.g. nvidia/difix_ref), difix3d or diffusers folder, or release .pkl; default: the
+            embedded tiny Difix trained on procedural scenes.
         base: SD-Turbo base (hub id or folder) that a release .pkl is applied to.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" is bfloat16 on CUDA and float32 on CPU.
@@ -46,7 +46,13 @@ def fix_command(
     """
     from difix3d.checkpoint import load_difix  # diffusers: imported only when a command runs
 
+    if random_weights_architecture(model) is not None:
+        raise Difix3DError(
+            f"--model {model} has random weights and would write noise; fix with a trained Difix "
+            "(the default embedded one, nvidia/difix_ref for photographs, or your own difix3d train output)"
+        )
     count, frames, names = _input_frames(input)
+    _refuse_overwriting_sources(output, input, ref, names)
     reference_for = _reference_lookup(ref, names)
     torch_device = resolve_device(device)
     difix = load_difix(model, device=torch_device, dtype=resolve_dtype(dtype, torch_device), base=base)
@@ -70,6 +76,15 @@ def _input_frames(path: Path) -> tuple[int | None, Iterator[Frame], list[str] | 
         files = list_images(path)
         if not files:
             raise Difix3DError(f"no images in {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        by_stem: dict[str, list[str]] = {}
+        for file in files:
+            by_stem.setdefault(file.stem, []).append(file.name)
+        clashes = [names for names in by_stem.values() if len(names) > 1]
+        if clashes:
+            raise Difix3DError(
+                f"{' and '.join(clashes[0])} in {path} would both be written as {Path(clashes[0][0]).stem}.png: "
+                "rename one of them (or fix them from separate folders)"
+            )
         return len(files), ((file.stem, partial(load_image, file)) for file in files), [f.stem for f in files]
     if not path.is_file():
         raise Difix3DError(f"input {path} does not exist")
@@ -77,6 +92,20 @@ def _input_frames(path: Path) -> tuple[int | None, Iterator[Frame], list[str] | 
         frames = ((f"{path.stem}_{i:05d}", partial(np.asarray, frame)) for i, frame in enumerate(read_video(path)))
         return None, frames, None
     return 1, iter([(path.stem, partial(load_image, path))]), [path.stem]
+
+
+def _refuse_overwriting_sources(output: Path, input: Path, ref: Path | None, names: list[str] | None) -> None:  # noqa: A002
+    """Fixed images never replace the inputs or the references (not even with --overwrite)."""
+    if output.exists() and not output.is_dir():
+        raise Difix3DError(f"--output {output} is a file; give a folder for the fixed images")
+    sources = [path for path in (input, ref) if path is not None]
+    folders = {path.resolve() for path in sources if path.is_dir()}
+    files = {path.resolve() for path in sources if path.is_file()}
+    targets = {(output / f"{name}.png").resolve() for name in names or []}
+    if output.resolve() in folders or targets & files:
+        raise Difix3DError(
+            f"--output {output} would overwrite the input or reference images; choose another folder"
+        )
 
 
 def _reference_lookup(ref: Path | None, names: list[str] | None) -> Callable[[int, str], np.ndarray | None]:

@@ -24,26 +24,21 @@ from tqdm.auto import tqdm
 from difix3d.metrics import ssim
 from difix3d.rasterize import rasterization
 
-_SH_C0 = 0.28209479177387814
+SH_C0 = 0.28209479177387814  # degree-0 spherical-harmonics constant: colour = SH_C0 * sh0 + 0.5
 
 
 @dataclass
 class SplatFitConfig:
-    """Training schedule and learning rates (Splatfacto's, for a scene of extent 1)."""
+    """Training schedule (Splatfacto's; learning rates: `splat_optimizers`)."""
 
     steps: int = 1000
     sh_degree: int = 3
     sh_degree_interval: int = 1000
     ssim_lambda: float = 0.2
     init_opacity: float = 0.1
-    means_lr: float = 1.6e-4
-    means_lr_final: float = 1.6e-6
+    means_lr_decay: float = 0.01
+    """The means' learning rate decays by this factor over `means_lr_decay_steps` (Splatfacto: 1.6e-4 to 1.6e-6 in 30k)."""
     means_lr_decay_steps: int = 30000
-    scales_lr: float = 5e-3
-    quats_lr: float = 1e-3
-    opacities_lr: float = 5e-2
-    sh0_lr: float = 2.5e-3
-    shN_lr: float = 2.5e-3 / 20
     refine_start: int = 500
     refine_stop: int = 15000
     refine_every: int = 100
@@ -51,26 +46,43 @@ class SplatFitConfig:
     seed: int = 0
 
 
-def params_from_points(points: Tensor, colors: Tensor, config: SplatFitConfig) -> torch.nn.ParameterDict:
-    """Gaussians at `points` [N, 3] with `colors` [N, 3] in [0, 1]: isotropic, scaled to the mean
-    distance of each point's three nearest neighbours, like gsplat's and Splatfacto's initialisation."""
+def params_from_points(
+    points: Tensor, colors: Tensor, sh_degree: int, init_opacity: float = 0.1, init_scale: float = 1.0
+) -> torch.nn.ParameterDict:
+    """Gaussians at `points` [N, 3] with `colors` [N, 3] in [0, 1], as gsplat's and Splatfacto's
+    initialisation makes them: isotropic, `init_scale` times the RMS distance to the three nearest
+    neighbours, random rotations, opacity `init_opacity`, SH colours up to `sh_degree` (degree 0 set)."""
+    from scipy.spatial import cKDTree
+
     points = points.float()
-    distances = torch.cdist(points, points)
-    distances.fill_diagonal_(float("inf"))
-    neighbour = distances.topk(min(3, len(points) - 1), largest=False).values.mean(dim=-1).clamp_min(1e-4)
+    distances, _ = cKDTree(points.numpy()).query(points.numpy(), k=min(4, len(points)))
+    neighbour = torch.from_numpy(np.sqrt((np.atleast_2d(distances)[:, 1:] ** 2).mean(-1))).float().clamp_min(1e-7)
     count = len(points)
-    sh0 = ((colors.float() - 0.5) / _SH_C0)[:, None, :]
-    shN = torch.zeros(count, (config.sh_degree + 1) ** 2 - 1, 3)
-    return torch.nn.ParameterDict(
-        {
-            "means": torch.nn.Parameter(points),
-            "scales": torch.nn.Parameter(neighbour.log()[:, None].repeat(1, 3)),
-            "quats": torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(count, 4), dim=-1)),
-            "opacities": torch.nn.Parameter(torch.logit(torch.full((count,), config.init_opacity))),
-            "sh0": torch.nn.Parameter(sh0),
-            "shN": torch.nn.Parameter(shN),
-        }
-    )
+    sh = torch.zeros(count, (sh_degree + 1) ** 2, 3)
+    sh[:, 0] = (colors.float() - 0.5) / SH_C0
+    params = {
+        "means": points,
+        "scales": torch.log(neighbour * init_scale)[:, None].repeat(1, 3),
+        "quats": torch.rand(count, 4),
+        "opacities": torch.logit(torch.full((count,), init_opacity)),
+        "sh0": sh[:, :1],
+        "shN": sh[:, 1:],
+    }
+    return torch.nn.ParameterDict({name: torch.nn.Parameter(value) for name, value in params.items()})
+
+
+def splat_optimizers(params: torch.nn.ParameterDict, scene_scale: float, batch_size: int = 1) -> dict[str, torch.optim.Optimizer]:
+    """One Adam per parameter group with Splatfacto's / gsplat's learning rates (the means' scaled by
+    the scene's extent), scaled for `batch_size` images per step as gsplat's trainer does."""
+    rates = {"means": 1.6e-4 * scene_scale, "scales": 5e-3, "quats": 1e-3, "opacities": 5e-2, "sh0": 2.5e-3, "shN": 2.5e-3 / 20}
+    return {
+        name: torch.optim.Adam(
+            [{"params": params[name], "lr": rate * math.sqrt(batch_size), "name": name}],
+            eps=1e-15 / math.sqrt(batch_size),
+            betas=(1 - batch_size * (1 - 0.9), 1 - batch_size * (1 - 0.999)),
+        )
+        for name, rate in rates.items()
+    }
 
 
 def render_splats(
@@ -81,29 +93,29 @@ def render_splats(
     height: int,
     sh_degree: int,
     background: Tensor | None = None,
+    **rasterize_options,
 ) -> tuple[Tensor, Tensor, dict]:
-    """Renders [C, H, W, 3] colours and [C, H, W, 1] opacity for C OpenCV camera-to-world poses
-    [C, 4, 4] (or [C, 3, 4]) with intrinsics K [C, 3, 3]; `background` [C, 3] or None (black)."""
+    """Renders [C, H, W, 3] colours (not clamped) and [C, H, W, 1] opacity for C OpenCV
+    camera-to-world poses [C, 4, 4] (or [C, 3, 4]) with intrinsics K [C, 3, 3]; `background` [C, 3]
+    or None (black); other options go to `difix3d.rasterize.rasterization` (gsplat's)."""
     poses = camera_to_world
     if poses.shape[-2] == 3:
         bottom = torch.tensor([0, 0, 0, 1], dtype=poses.dtype, device=poses.device).expand(*poses.shape[:-2], 1, 4)
         poses = torch.cat([poses, bottom], dim=-2)
-    colors = torch.cat([params["sh0"], params["shN"]], dim=1)
-    rgb, alpha, info = rasterization(
+    return rasterization(
         means=params["means"],
         quats=params["quats"],
         scales=params["scales"].exp(),
         opacities=params["opacities"].sigmoid(),
-        colors=colors,
+        colors=torch.cat([params["sh0"], params["shN"]], dim=1),
         viewmats=torch.linalg.inv(poses.float()),
         Ks=K.float(),
         width=width,
         height=height,
         sh_degree=sh_degree,
         backgrounds=background,
-        packed=False,
+        **rasterize_options,
     )
-    return rgb.clamp(0, 1), alpha, info
 
 
 def fit_splats(
@@ -127,17 +139,11 @@ def fit_splats(
     generator = torch.Generator().manual_seed(config.seed)
     centres = camera_to_world[:, :3, 3]
     scene_scale = float((centres - centres.mean(dim=0)).norm(dim=-1).max()) * 1.1
-    params = params_from_points(points, colors, config)
-    rates = {
-        "means": config.means_lr * scene_scale,
-        "scales": config.scales_lr,
-        "quats": config.quats_lr,
-        "opacities": config.opacities_lr,
-        "sh0": config.sh0_lr,
-        "shN": config.shN_lr,
-    }
-    optimizers = {name: torch.optim.Adam([params[name]], lr=rate, eps=1e-15) for name, rate in rates.items()}
-    decay = (config.means_lr_final / config.means_lr) ** (1 / config.means_lr_decay_steps)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        params = params_from_points(points, colors, config.sh_degree, config.init_opacity)
+    optimizers = splat_optimizers(params, scene_scale)
+    decay = config.means_lr_decay ** (1 / config.means_lr_decay_steps)
     means_schedule = torch.optim.lr_scheduler.ExponentialLR(optimizers["means"], gamma=decay)
     strategy = DefaultStrategy(
         refine_start_iter=config.refine_start,
@@ -155,7 +161,8 @@ def fit_splats(
         background = torch.rand(1, 3, generator=generator)
         sh_degree = min(step // config.sh_degree_interval, config.sh_degree)
         rgb, _, info = render_splats(params, camera_to_world[index : index + 1], K[index : index + 1], width, height,
-                                     sh_degree, background)  # fmt: skip
+                                     sh_degree, background, packed=False)  # fmt: skip
+        rgb = rgb.clamp(0, 1)
         target = images[index : index + 1]
         l1 = (rgb - target).abs().mean()
         ssim_loss = 1 - ssim(rgb.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2))

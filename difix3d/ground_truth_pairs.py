@@ -123,6 +123,7 @@ def curate_ground_truth_scene(scene_dir: Path, out: Path, config: GroundTruthPai
             rgb, _, _ = render_splats(params, novel[start : start + 8], novel_K[start : start + 8],
                                       intrinsics.width, intrinsics.height, sh_degree=3,
                                       background=background.expand(len(novel[start : start + 8]), 3))  # fmt: skip
+            rgb = rgb.clamp(0, 1)
             for offset, image in enumerate(rgb.numpy()):
                 _write_png(folder / f"{names[start + offset]}.png", image)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from difix3d.errors import Difix3DError
+from difix3d.files import atomic_write_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif")
@@ -57,12 +58,12 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def save_image(path: str | Path, image: np.ndarray) -> None:
-    """Write float RGB in [0, 1] (H x W x 3) or uint8 as an 8-bit image (PNG by the suffix)."""
+    """Write float RGB in [0, 1] (H x W x 3) or uint8 as an 8-bit image (PNG by the suffix), atomically:
+    an interrupted write never leaves a broken file that a resumed run would take as done."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if image.dtype != np.uint8:
         image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    iio.imwrite(path, image)
+    atomic_write_bytes(path, iio.imwrite("<bytes>", image, extension=path.suffix))
 
 
 def _natural_key(path: Path) -> list:

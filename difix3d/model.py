@@ -30,10 +30,10 @@ from torch.utils.checkpoint import checkpoint
 
 from difix3d.attention import install_multiview_attention
 from difix3d.errors import Difix3DError
+from difix3d.model_ids import PROMPT
 
 logger = logging.getLogger(__name__)
 
-PROMPT = "remove degradation"
 LORA_ADAPTER = "vae_skip"
 # Decoder layers that get a LoRA adapter, by their last name component (the release's list).
 _LORA_LAYER_NAMES = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_q", "to_k", "to_v")

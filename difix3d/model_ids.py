@@ -14,3 +14,20 @@ EMBEDDED_DIFIX = str(Path(__file__).resolve().parent / "assets" / "difix-tiny-pr
 
 PROMPT = "remove degradation"
 """Difix's fixed text prompt (the release's)."""
+
+# Random weights are only ever built from these explicit names ("random-tiny-architecture",
+# "random-sd-turbo-architecture"): a bare architecture name ("sd-turbo") must never give noise.
+RANDOM_PREFIX, RANDOM_SUFFIX = "random-", "-architecture"
+
+
+def random_weights_architecture(spec: str) -> str | None:
+    """The architecture name in a random-weights model name, or None for any other model spec."""
+    spec = str(spec)
+    if spec.startswith(RANDOM_PREFIX) and spec.endswith(RANDOM_SUFFIX):
+        return spec[len(RANDOM_PREFIX) : -len(RANDOM_SUFFIX)]
+    return None
+
+
+def random_weights_name(architecture: str) -> str:
+    """The model name that builds `architecture` with random weights (tests and timing only)."""
+    return f"{RANDOM_PREFIX}{architecture}{RANDOM_SUFFIX}"

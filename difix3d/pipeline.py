@@ -45,7 +45,7 @@ class DifixPipeline:
         dtype: torch.dtype = torch.float32,
         base: str | os.PathLike = DEFAULT_BASE,
     ) -> DifixPipeline:
-        """Load with `difix3d.checkpoint.load_difix` (hub id, folder, release .pkl, "tiny")."""
+        """Load with `difix3d.checkpoint.load_difix` (hub id, folder, release .pkl, "random-tiny-architecture")."""
         return cls(load_difix(spec, device=device, dtype=dtype, base=base))
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DifixPipeline:

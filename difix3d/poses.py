@@ -153,18 +153,21 @@ def quaternion_slerp(start: Tensor, end: Tensor, fraction: Tensor | float) -> Te
     return result / torch.linalg.vector_norm(result, dim=-1, keepdim=True)
 
 
-def shift_toward(current: Tensor, target: Tensor, step: float) -> tuple[Tensor, Tensor]:
-    """Move poses one step toward their targets, snapping onto a target once within one step.
+def shift_toward(current: Tensor, target: Tensor, step: float, jump: bool = True) -> tuple[Tensor, Tensor]:
+    """Move poses one step toward their targets, as the reference release's `shift_poses` does.
 
-    The camera centre moves `step` scene units along the line to the target's centre; the rotation
-    slerps by the fraction step / translation distance (capped at 1). A pose whose combined distance
-    (translation + rotation angle) to its target is at most `step`, or whose centre is within `step`
-    of the target's, lands exactly on the target.
+    A pose whose combined distance (translation + rotation angle) to its target is at most `step`
+    lands exactly on the target. Otherwise the camera centre moves `step` scene units along the line
+    to the target's centre and the rotation slerps by the fraction step / translation distance
+    (capped at 1); with `jump` (the release's behaviour), a centre that would be left within one
+    step of the target's jumps onto it (the rotation does not), with `jump=False` it moves exactly
+    one step.
 
     Args:
         current: [..., 3, 4] poses to move.
         target: [..., 3, 4] poses to move toward (broadcast against `current`).
         step: translation step in scene units, > 0.
+        jump: the release's translation jump (see above).
 
     Returns:
         the moved poses [..., 3, 4] and a bool mask [...] of the poses that landed on their target.
@@ -178,6 +181,8 @@ def shift_toward(current: Tensor, target: Tensor, step: float) -> tuple[Tensor, 
     fraction = torch.where(snapped, torch.ones_like(fraction), fraction)
 
     centre = current[..., 3] + fraction[..., None] * (target[..., 3] - current[..., 3])
+    if jump:
+        centre = torch.where((distance - step <= step)[..., None], target[..., 3], centre)
     rotation = quaternion_to_matrix(
         quaternion_slerp(matrix_to_quaternion(current[..., :3]), matrix_to_quaternion(target[..., :3]), fraction)
     )

@@ -13,8 +13,6 @@ image data stays on disk, never in the state.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -25,6 +23,7 @@ import torch
 from torch import Tensor
 
 from difix3d.errors import Difix3DError
+from difix3d.files import atomic_write_bytes
 from difix3d.poses import (
     as_pose,
     interpolate_trajectory,
@@ -49,10 +48,16 @@ class ProgressiveConfig:
     """Steps between fix rounds."""
     pose_step: float = 0.5
     """How far (scene units) each round moves a pseudo pose toward its target; within one step it snaps."""
+    pose_jump: bool = True
+    """The release's pose shift: a centre that one step would leave within one step of its target's
+    jumps onto it (False: always exactly one step; see `difix3d.poses.shift_toward`)."""
     num_refs: int = 1
     """Reference views per pseudo view: the nearest training images by translation + rotation distance."""
     pseudo_view_prob: float = 0.3
     """Probability that a training batch draws a pseudo view instead of a training view."""
+    pseudo_view_rounds: Literal["latest", "all"] = "latest"
+    """Which pseudo views a batch draws from: the latest round's, as the release does, or every
+    round's uniformly."""
     pseudo_view_loss_weight: float = 0.3
     """Weight of the photometric loss on a pseudo view."""
     accumulation_threshold: float = 0.5
@@ -60,21 +65,29 @@ class ProgressiveConfig:
     target_camera_path: Optional[Path] = None
     """Nerfstudio camera-path JSON whose cameras are the targets, used when there are no eval cameras."""
 
-    def validate(self) -> None:
-        """Raise `Difix3DError` naming the first knob outside its range."""
+    def validate(self, flag_prefix: str = "") -> None:
+        """Raise `Difix3DError` naming the first knob outside its range; with `flag_prefix` (e.g.
+        "--pipeline.progressive.") knobs are named as that command's flags."""
+
+        def name(knob: str) -> str:
+            return f"{flag_prefix}{knob.replace('_', '-')}" if flag_prefix else knob
+
         checks = [
-            (self.fix_start >= 0, f"fix_start must be >= 0, got {self.fix_start}"),
-            (self.steps_per_fix >= 1, f"steps_per_fix must be >= 1, got {self.steps_per_fix}"),
-            (self.pose_step > 0, f"pose_step must be > 0, got {self.pose_step}"),
-            (self.num_refs >= 1, f"num_refs must be >= 1, got {self.num_refs}"),
-            (0 <= self.pseudo_view_prob <= 1, f"pseudo_view_prob must be in [0, 1], got {self.pseudo_view_prob}"),
+            (self.fix_start >= 0, f"{name('fix_start')} must be >= 0, got {self.fix_start}"),
+            (self.steps_per_fix >= 1, f"{name('steps_per_fix')} must be >= 1, got {self.steps_per_fix}"),
+            (self.pose_step > 0, f"{name('pose_step')} must be > 0, got {self.pose_step}"),
+            (self.num_refs >= 1, f"{name('num_refs')} must be >= 1, got {self.num_refs}"),
+            (
+                0 <= self.pseudo_view_prob <= 1,
+                f"{name('pseudo_view_prob')} must be in [0, 1], got {self.pseudo_view_prob}",
+            ),
             (
                 self.pseudo_view_loss_weight >= 0,
-                f"pseudo_view_loss_weight must be >= 0, got {self.pseudo_view_loss_weight}",
+                f"{name('pseudo_view_loss_weight')} must be >= 0, got {self.pseudo_view_loss_weight}",
             ),
             (
                 0 <= self.accumulation_threshold < 1,
-                f"accumulation_threshold must be in [0, 1), got {self.accumulation_threshold}",
+                f"{name('accumulation_threshold')} must be in [0, 1), got {self.accumulation_threshold}",
             ),
         ]
         for ok, message in checks:
@@ -208,7 +221,9 @@ class ProgressiveUpdater:
         """The next round's pseudo poses, one per target; changes no state until `record_round`."""
         source_indices, _ = nearest_poses(self.target_poses, self.current_poses, k=1)
         source_indices = source_indices[:, 0]
-        poses, snapped = shift_toward(self.current_poses[source_indices], self.target_poses, self.config.pose_step)
+        poses, snapped = shift_toward(
+            self.current_poses[source_indices], self.target_poses, self.config.pose_step, jump=self.config.pose_jump
+        )
         reference_indices, _ = nearest_poses(poses, self.training_poses, k=self.config.num_refs)
         return RoundPlan(
             round_index=len(self._rounds),
@@ -308,15 +323,18 @@ class ProgressiveUpdater:
     def choose_pseudo_view(self, generator: torch.Generator) -> Optional[int]:
         """Index into `pseudo_views` for this batch, or None to train on a real view.
 
-        Draws a pseudo view with probability `pseudo_view_prob`, uniformly among all recorded ones;
-        draws nothing from `generator` while there are none, so the result is a function of its seed.
+        Draws a pseudo view with probability `pseudo_view_prob`, uniformly among the latest round's
+        views (or all recorded ones, by `pseudo_view_rounds`); draws nothing from `generator` while
+        there are none, so the result is a function of its seed.
         """
-        num_views = len(self.pseudo_views)
+        num_views = sum(len(round_.views) for round_ in self._rounds)
         if num_views == 0:
             return None
         if torch.rand((), generator=generator).item() >= self.config.pseudo_view_prob:
             return None
-        return int(torch.randint(num_views, (), generator=generator))
+        # The latest round's views are the last ones of `pseudo_views`.
+        first = num_views - len(self._rounds[-1].views) if self.config.pseudo_view_rounds == "latest" else 0
+        return first + int(torch.randint(num_views - first, (), generator=generator))
 
     def load_pseudo_view(self, index: int) -> tuple[Tensor, Tensor]:
         """The fixed image [H, W, 3] (float32 in [0, 1]) and loss mask [H, W, 1] (bool) of a pseudo view."""
@@ -398,21 +416,6 @@ def read_manifest(output_dir: str | Path) -> dict[str, Any]:
         for view in round_["views"]:
             view["pose"] = torch.tensor(view["pose"], dtype=torch.float32)
     return state
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the complete new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Host and process in the name: writers on several nodes of a shared file system never collide.
-    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _view_to_state(view: PseudoView) -> dict[str, Any]:

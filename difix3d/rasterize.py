@@ -22,10 +22,7 @@ avoids autograd's per-op bookkeeping on these long pair lists; it also fills `me
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
-import platform
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -173,7 +170,6 @@ def rasterization_torch(
 
     Never touches gsplat; callable directly to compare against gsplat or to force the PyTorch path.
     """
-    _keep_freed_memory_in_heap()
     _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree,
                   backgrounds, render_mode, rasterize_mode, distributed, camera_model, covars, tile_size)
 
@@ -237,23 +233,6 @@ def rasterization_torch(
         "n_cameras": n_cameras,
     }
     return render_colors, render_alphas, info
-
-
-@functools.cache
-def _keep_freed_memory_in_heap() -> None:
-    """Stop glibc from handing large freed blocks back to the OS (process-wide, once).
-
-    Every per-pair temporary is megabytes; by default glibc unmaps or trims such blocks on free, so
-    each new one page-faults in afresh. On the 2-core VM this was developed on, that cost as much as
-    the arithmetic (fwd+bwd CPU time 211 -> 147 ms at 160x120 with 20k Gaussians). This is what
-    PyTorch's CPU tuning guides get from preloading jemalloc/tcmalloc.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 256 * 2**20)
-    libc.mallopt(m_trim_threshold, 1024 * 2**20)
 
 
 def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree,

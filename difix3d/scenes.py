@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,8 +30,11 @@ from tqdm import tqdm
 
 from difix3d.errors import Difix3DError
 
+GENERATOR_NAME = "difix3d.scenes"
 GENERATOR_VERSION = 1
 GROUND_TRUTH_FILE = "ground_truth.json"
+# Everything a scene folder holds: --overwrite replaces a folder only if it holds nothing else.
+SCENE_ENTRIES = ("images", "sparse", GROUND_TRUTH_FILE)
 POSE_CONVENTION = "opencv"
 # SIFT needs more pixels than the training views have: SfM runs on renders this many times larger.
 SFM_RESOLUTION_SCALE = 2
@@ -257,15 +261,8 @@ class ProceduralScene:
         half, top = self.layout.room_half_size, self.layout.room_height
         if not (abs(origin[0]) < half and abs(origin[1]) < half and 0 < origin[2] < top):
             raise Difix3DError(f"camera centre {origin.tolist()} is outside the room (|x|, |y| < {half}, 0 < z < {top})")
-        # Many small element-wise ops: intra-op threads gain little here and, on a machine whose
-        # cores are busy, cost up to 10x in waiting. The setting is restored afterwards.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            rgb = self._render_rgb(rotation, origin, intrinsics, supersample)
-            _, depth, _ = self._trace(origin, self._ray_directions(rotation, intrinsics, 1).reshape(-1, 3))
-        finally:
-            torch.set_num_threads(threads)
+        rgb = self._render_rgb(rotation, origin, intrinsics, supersample)
+        _, depth, _ = self._trace(origin, self._ray_directions(rotation, intrinsics, 1).reshape(-1, 3))
         return Render(rgb.numpy(), depth.reshape(intrinsics.height, intrinsics.width).numpy())
 
     @staticmethod
@@ -499,7 +496,7 @@ class GroundTruth:
 
     def to_json(self) -> dict:
         return {
-            "generator": "difix3d.scenes",
+            "generator": GENERATOR_NAME,
             "generator_version": GENERATOR_VERSION,
             "convention": {
                 "camera_to_world": POSE_CONVENTION,
@@ -550,8 +547,40 @@ def _check_arguments(out: Path, width: int, height: int, num_train: int, num_eva
         raise Difix3DError(f"--num-eval {num_eval} is out of range 0-{MAX_EVAL_VIEWS}")
     if out.exists() and not out.is_dir():
         raise Difix3DError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise Difix3DError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    _refuse_protected_folder(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise Difix3DError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        _refuse_foreign_folder(out)
+
+
+def _refuse_protected_folder(out: Path) -> None:
+    """The working folder, its parents, the home folder and its parents are never a scene folder:
+    the scene replaces the whole folder."""
+    resolved = out.resolve()
+    for protected, label in ((Path.cwd().resolve(), "the working folder"), (Path.home().resolve(), "the home folder")):
+        if resolved == protected or resolved in protected.parents:
+            what = label if resolved == protected else f"a parent of {label}"
+            raise Difix3DError(f"--out {out} is {what}; name a new folder for the scene, e.g. --out data/room")
+
+
+def _refuse_foreign_folder(out: Path) -> None:
+    """--overwrite replaces only a scene this command wrote, holding nothing else."""
+    try:
+        generator = json.loads((out / GROUND_TRUTH_FILE).read_text()).get("generator")
+    except (OSError, ValueError, AttributeError):
+        generator = None
+    if generator != GENERATOR_NAME:
+        raise Difix3DError(
+            f"{out} is not a scene written by `difix3d scene` (no {GROUND_TRUTH_FILE} of it): --overwrite "
+            "replaces only such a scene; choose another --out or empty the folder yourself"
+        )
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in SCENE_ENTRIES)
+    if foreign:
+        raise Difix3DError(
+            f"{out} holds files that `difix3d scene` did not write ({', '.join(foreign[:5])}): --overwrite "
+            "would delete them; move them out or choose another --out"
+        )
 
 
 def build_scene(
@@ -586,8 +615,12 @@ def build_scene(
 
     log(f"Building scene (seed {seed}, {num_train} train + {num_eval} eval views at {width}x{height})")
     scene = ProceduralScene.from_seed(seed)
+    out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # Assembled next to OUT; created with mkdir (not mkdtemp, which makes it 0700) so the scene
+    # gets the user's usual permissions.
+    staging = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+    staging.mkdir()
     try:
         (staging / "images").mkdir()
         sfm_images = staging / "sfm_images"
@@ -610,9 +643,13 @@ def build_scene(
 
         ground_truth = GroundTruth(seed, intrinsics, frames, scene.layout, scene)
         (staging / GROUND_TRUTH_FILE).write_text(json.dumps(ground_truth.to_json(), indent=1))
-        if out.exists():
-            shutil.rmtree(out)  # only reached with --overwrite or an empty folder
-        staging.rename(out)
+        if out.exists():  # an empty folder, or (--overwrite) a scene of ours: checked above
+            replaced = staging.with_suffix(".replaced")
+            out.rename(replaced)
+            staging.rename(out)
+            shutil.rmtree(replaced)
+        else:
+            staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -642,6 +679,6 @@ def scene_command(
         height: Image height in pixels.
         num_train: Number of training views.
         num_eval: Number of held-out evaluation views.
-        overwrite: Replace OUT if it exists and is not empty.
+        overwrite: Replace OUT if it is a scene written by this command (and holds nothing else).
     """
     build_scene(out, seed, width, height, num_train, num_eval, overwrite)

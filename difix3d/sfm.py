@@ -8,6 +8,7 @@ ones and reports per-image rotation and centre errors.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,22 @@ def reconstruct(image_dir: Path, work_dir: Path, intrinsics: Intrinsics, seed: i
     camera), which keeps the model in exactly the training images' pixel geometry.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    pycolmap.logging.minloglevel = 1  # our own log lines report progress
+    with _colmap_min_log_level(1):  # our own log lines report progress
+        return _reconstruct(image_dir, work_dir, intrinsics, seed, log)
+
+
+@contextlib.contextmanager
+def _colmap_min_log_level(level: int):
+    """pycolmap's (process-wide) log threshold set to `level` for the block, then restored."""
+    previous = pycolmap.logging.minloglevel
+    pycolmap.logging.minloglevel = level
+    try:
+        yield
+    finally:
+        pycolmap.logging.minloglevel = previous
+
+
+def _reconstruct(image_dir: Path, work_dir: Path, intrinsics: Intrinsics, seed: int, log) -> pycolmap.Reconstruction:
     database = work_dir / "database.db"
     image_names = sorted(p.name for p in image_dir.iterdir())
     started = time.perf_counter()

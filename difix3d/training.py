@@ -53,6 +53,7 @@ from difix3d.images import load_image, save_image
 from difix3d.losses import GRAM_LAYER_WEIGHTS, DifixLoss, LossTerms
 from difix3d.imagenet_weights import describe, find_imagenet_weights
 from difix3d.metrics import LPIPSMetric, psnr, ssim
+from difix3d.model_ids import DEFAULT_BASE
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,10 @@ class TrainConfig:
     output: Path
     """Output folder: checkpoints, evaluation grids, TensorBoard logs, final model and model card."""
     model: str = "nvidia/difix_ref"
-    """Starting model: a hub id, a difix3d folder, a release .pkl, or "tiny" (random, for tests)."""
-    base_model: str = "stabilityai/sd-turbo"
-    """Only for a release .pkl: the base model (hub id or folder) its weights apply to."""
+    """Starting model: a hub id, a difix3d folder, a release .pkl, or "random-tiny-architecture" (random, for tests)."""
+    base: Annotated[str, tyro.conf.arg(aliases=("--base-model",))] = DEFAULT_BASE
+    """Only for a release .pkl: the SD-Turbo (hub id or folder) its weights apply to (`--base`, as in
+    `difix3d fix`; `--base-model` is its old name)."""
     steps: int = 10_000
     """Total optimizer steps (with --resume: the step to stop at, counted from the start)."""
     batch_size: int = 1
@@ -216,11 +218,9 @@ def load_dataset(path: Path) -> dict[str, list[Pair]]:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        shape = iio.improps(path).shape
-    except Exception as error:  # imageio raises many types for unreadable files
-        raise Difix3DError(f"cannot read image {path}: {error}") from None
-    return int(shape[0]), int(shape[1])
+    # Decoded in full, not just its header: a truncated or foreign file fails here, before training.
+    height, width = load_image(path).shape[:2]
+    return int(height), int(width)
 
 
 def _check_aspect(pair: Pair, other: Path, other_size: tuple[int, int]) -> None:
@@ -352,7 +352,7 @@ class DifixTrainer:
 
         from difix3d.checkpoint import load_difix
 
-        model = load_difix(config.model, device=self.device, dtype=torch.float32, base=config.base_model)
+        model = load_difix(config.model, device=self.device, dtype=torch.float32, base=config.base)
         if self.splits["train"][0].ref is not None and not model.config.reference_views:
             # The saved model must say it now uses references (its config records how it was trained).
             logger.info("%s was trained without reference views; this training adds them", config.model)

@@ -65,6 +65,23 @@ class Difix3DGSModel(SplatfactoModel):
         # A plain attribute, not a submodule: Difix weights stay out of the 3DGS checkpoints.
         self.__dict__["enhancer"] = None
 
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):  # type: ignore[override]
+        """Load a checkpoint with a different number of Gaussians (a run that densified).
+
+        Splatfacto's own version swaps in new, resized Parameter objects, but the trainer built the
+        optimizers on the old ones (sized at construction): the optimizers then step tensors the model
+        no longer uses and the next refinement indexes them out of bounds. Resizing in place keeps
+        the optimizers pointing at the model's parameters.
+        """
+        self.step = 30000  # as Splatfacto: a loaded model renders at its full SH degree
+        if "means" in state_dict:  # checkpoints of older nerfstudio versions, as Splatfacto maps them
+            for name in ("means", "scales", "quats", "features_dc", "features_rest", "opacities"):
+                state_dict[f"gauss_params.{name}"] = state_dict[name]
+        count = state_dict["gauss_params.means"].shape[0]
+        for param in self.gauss_params.values():
+            param.data = param.data.new_zeros((count, *param.shape[1:]))
+        return super(SplatfactoModel, self).load_state_dict(state_dict, strict=strict, **kwargs)
+
     def set_enhancer(self, enhancer: Optional[Enhancer]) -> None:
         """Install the Difix3D+ post-render enhancer (done by the pipeline once Difix is loaded)."""
         self.__dict__["enhancer"] = enhancer

@@ -8,7 +8,9 @@ the training images, and schedules the rounds as a training callback.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
@@ -20,7 +22,9 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from difix3d.checkpoint import load_difix
 from difix3d.core import Difix3DUpdate, Enhancer, EnhancerConfig
 from difix3d.devices import DtypeName, resolve_dtype
+from difix3d.errors import Difix3DError
 from difix3d.fixer import DifixFixer
+from difix3d.model_ids import DEFAULT_BASE, EMBEDDED_DIFIX
 from difix3d.progressive import ProgressiveConfig, select_targets
 from nerfstudio_plugin.datamanager import (
     Difix3DDatamanager,
@@ -37,9 +41,9 @@ class DifixSettings:
     """Which Difix fixes the pseudo views and the final renders, and where it runs."""
 
     model: str = "nvidia/difix_ref"
-    """A hub id, a folder written by `difix3d` (save_pretrained), a reference-release `.pkl`, or `tiny`
-    (a small randomly initialised Difix, for tests only)."""
-    base: str = "stabilityai/sd-turbo"
+    """A hub id, a folder written by `difix3d` (save_pretrained), a reference-release `.pkl`, or
+    `random-tiny-architecture` (a small Difix with random weights, for tests only)."""
+    base: str = DEFAULT_BASE
     """The SD-Turbo (hub id or folder) a reference-release `.pkl` is applied on."""
     device: Optional[str] = None
     """Device for Difix; default: the pipeline's device."""
@@ -64,10 +68,17 @@ class Difix3DPipelineConfig(VanillaPipelineConfig):
     # existed still loads, the class attribute standing in for the missing field.
     enhancer: EnhancerConfig = EnhancerConfig()
     """Difix3D+: the final renders (`rgb_enhanced`) fixed by Difix."""
-    cpu_threads: int = 1
-    """PyTorch threads when running on the CPU (0: PyTorch's default). Splatting small images is
-    many small operations, where threads cost more than they give: on 2 cores, 200 steps at 160x120
-    took 31 s with 1 thread and 120 s with 2 while another process was running."""
+
+
+def _refuse_missing_enhanced_renders(config: Difix3DPipelineConfig) -> None:
+    """ns-render asked for `rgb_enhanced` of a run without Difix: say so before anything is written
+    (nerfstudio itself notices only after writing the first frame's other outputs)."""
+    if config.difix.enabled or Path(sys.argv[0]).name != "ns-render" or "rgb_enhanced" not in sys.argv:
+        return
+    raise Difix3DError(
+        "this run was trained with --pipeline.difix.enabled False, so it has no rgb_enhanced (Difix3D+) "
+        "output: render rgb, or train with Difix enabled"
+    )
 
 
 class Difix3DPipeline(VanillaPipeline):
@@ -76,12 +87,16 @@ class Difix3DPipeline(VanillaPipeline):
     _model: Difix3DGSModel
 
     def __init__(self, config: Difix3DPipelineConfig, device: str, *args: Any, **kwargs: Any) -> None:
-        config.progressive.validate()
+        config.progressive.validate(flag_prefix="--pipeline.progressive.")
         config.enhancer.validate()
-        if torch.device(device).type == "cpu" and config.cpu_threads > 0:
-            torch.set_num_threads(config.cpu_threads)
+        _refuse_missing_enhanced_renders(config)
         super().__init__(config, device, *args, **kwargs)
         self.training_poses = self.datamanager.train_dataset.cameras.camera_to_worlds.float().cpu()
+        if config.difix.enabled and config.progressive.num_refs > len(self.training_poses):
+            raise Difix3DError(
+                f"--pipeline.progressive.num-refs {config.progressive.num_refs} is more than the "
+                f"{len(self.training_poses)} training images; give at most {len(self.training_poses)}"
+            )
         self.update: Optional[Difix3DUpdate] = None
         self.trainer = None  # set when training starts (get_training_callbacks)
         self._saved_state: Optional[dict] = None
@@ -100,9 +115,23 @@ class Difix3DPipeline(VanillaPipeline):
         # Offloading saves memory for training between fix rounds; ns-viewer, ns-render and ns-eval
         # (test_mode "test"/"inference") keep Difix on the device rather than move it every frame.
         offload = settings.offload and self.test_mode == "val"
-        difix = load_difix(settings.model, device="cpu" if offload else device, dtype=dtype, base=settings.base)
+        try:
+            difix = load_difix(settings.model, device="cpu" if offload else device, dtype=dtype, base=settings.base)
+        except Difix3DError as error:
+            hint = ""
+            if device.type == "cpu":
+                hint = f"; on a CPU, the embedded tiny Difix needs no download: --pipeline.difix.model {EMBEDDED_DIFIX}"
+            raise Difix3DError(f"--pipeline.difix.model {settings.model}: {error}{hint}") from None
         CONSOLE.log(f"Difix: {settings.model} on {device} ({dtype}){', offloaded between rounds' if offload else ''}")
         return DifixFixer(difix, device=device, offload=offload)
+
+    def get_average_eval_image_metrics(self, *args: Any, **kwargs: Any):
+        if len(self.datamanager.eval_dataset) == 0:
+            raise Difix3DError(
+                "this scene has no held-out (eval) images to score: ns-eval needs images whose names contain "
+                "`eval` (e.g. `difix3d scene --num-eval 8`), or train with `colmap --eval-mode interval`"
+            )
+        return super().get_average_eval_image_metrics(*args, **kwargs)
 
     # -- the progressive update ----------------------------------------------------------------
 

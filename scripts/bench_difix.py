@@ -32,6 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from difix3d.devices import DTYPES
 from difix3d.model import Difix
+from difix3d.runtime import configure_cpu_runtime
 
 # SD 2.1's text encoder (OpenCLIP ViT-H/14 text tower, penultimate layer) and a tiny stand-in.
 _TEXT_ENCODERS = {
@@ -181,8 +182,7 @@ def _bench_model(name: str, args: Args, device: torch.device) -> list[dict]:
 
 def main(args: Args) -> None:
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_cpu_runtime(args.threads)
     models = [m for m in args.models if not (m == "sd-turbo" and args.skip_sd_turbo)]
     results = [row for name in models for row in _bench_model(name, args, device)]
     report = dict(

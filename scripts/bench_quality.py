@@ -1,41 +1,79 @@
 """Quality benchmark: does Difix3D(+) improve 3DGS on extreme held-out views of unseen scenes?
 
-Stages (each skipped when its result is on disk, so an interrupted run resumes cheaply):
-1. scenes: K training and M evaluation scenes from disjoint seeds (`difix3d.scenes.build_scene`:
-   12 sparse training views on one side, 8 extreme held-out views; the layout follows the seed);
-2. curate: (degraded render, clean target, reference) pairs from the training scenes only
-   (`difix3d.curation`, nerfstudio subprocesses);
-3. difix: fine-tune the `tiny` Difix on those pairs (`difix3d.training`, CPU);
-4. per evaluation scene, at the same total step count: plain 3DGS (`difix3d-gs` with Difix off),
-   Difix3D (`rgb` of `difix3d-gs` with the trained Difix), Difix3D+ (`rgb_enhanced`), and Difix on
-   the plain 3DGS renders only (the paper's ablation row), all scored here against the held-out
-   photographs with one PSNR/SSIM (LPIPS when backbone weights exist) implementation;
-5. report: `quality.json`, `quality.md`, `quality_grid.png` (GT | 3DGS | Difix3D | Difix3D+) and
-   `quality_rounds.png` (metric vs fix round) in --results.
+Two modes:
+- `--difix SPEC` (evaluate only): score a given Difix (a model folder, `embedded` for the Difix that
+  ships in the package, or any `difix3d.checkpoint.load_difix` spec) without training one;
+- without `--difix`: first train the `tiny` Difix on pairs curated from training scenes (seeds
+  `--train-seeds`), then score it the same way.
 
-`--quick` is a smoke test of the whole chain (one small scene each, a handful of steps): its numbers
+Per evaluation scene (seeds `difix3d.seeds.EVALUATION_SEEDS`, 12 sparse training views on one side
+and 8 extreme held-out views; Difix never sees these seeds), every comparison is paired:
+1. plain 3DGS (`difix3d-gs` with Difix off) and Difix3D train with the same training seed; training
+   is deterministic, so the two runs are identical up to the first fix round (checked: their
+   checkpoints of the step before it are compared bit for bit) and "Difix3D minus 3DGS" measures
+   Difix, not a different reconstruction. (Not by resuming Difix3D from the plain run's checkpoint:
+   nerfstudio 1.1.5's Splatfacto replaces its Gaussians on loading, after the optimizers were built
+   on the old ones, so a resumed run never updates a Gaussian again.)
+2. Difix3D+ is the `rgb_enhanced` render of that same Difix3D render; "Difix on 3DGS renders" runs
+   Difix on the plain run's scored renders, with the reference the plugin would choose (the nearest
+   training view in nerfstudio's scene units);
+3. noise floor: plain 3DGS is repeated with K training seeds (`--noise-seeds`); the
+   report gives the seed-to-seed spread next to every difference and marks a difference "within
+   noise" when a change of seed alone gives one that large;
+4. Difix on clean renders of the training views (referenced by the nearest other training view):
+   what Difix costs where there is nothing to fix.
+
+Every stage is a folder with a `stage.json` recording the settings, the inputs and the code (git
+commit, uncommitted changes, a hash of the code) that made it. A resumed run reuses a finished
+stage only when its settings match and it came from the same code (`--allow-mixed-code` to reuse
+stages of other code anyway; the report then lists every commit involved). Plain 3DGS stages do
+not depend on the Difix, so evaluating another Difix in the same `--work` only runs its Difix3D
+stages. Scores are recomputed from the stored images on every run. Stages record their wall and
+CPU time; `--jobs` runs scenes in parallel.
+
+Results in --results: `quality.json` (`summary/methods/<method>/{psnr,ssim,lpips}/mean`, the code,
+the noise floor, the paired differences), `quality.md` (its first table is the README's),
+`quality_grid.png` (labelled columns) and `quality_rounds.png` (metric vs fix round).
+
+`--quick` is a smoke test of the whole chain (one small scene, a handful of steps): its numbers
 mean nothing. Prints the summary JSON on stdout.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
+import hashlib
 import json
+import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import imageio.v3 as iio
 import numpy as np
 import pycolmap
 import torch
 import tyro
+from tqdm import tqdm
+
+from difix3d.errors import Difix3DError
+from difix3d.seeds import EVALUATION_SEEDS, is_evaluation_seed
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+CODE_PATHS = ("difix3d", "nerfstudio_plugin", "scripts/bench_quality.py", "pyproject.toml")
+"""What "the code" of a stage is: its hash covers every .py file below these paths."""
+STAGE_RECORD = "stage.json"
 METHODS = ("3dgs", "difix3d", "difix3d+", "difix_on_3dgs")
 LABELS = {
     "3dgs": "3DGS (Difix off)",
@@ -43,31 +81,54 @@ LABELS = {
     "difix3d+": "Difix3D+",
     "difix_on_3dgs": "Difix on 3DGS renders only",
 }
+SHORT_LABELS = {"gt": "GT", "3dgs": "3DGS", "difix3d": "Difix3D", "difix3d+": "Difix3D+", "difix_on_3dgs": "Difix on 3DGS"}
+PAIRS = (("difix3d", "3dgs"), ("difix3d+", "3dgs"), ("difix_on_3dgs", "3dgs"), ("difix3d+", "difix3d"))
+"""Paired differences reported, (method, baseline): every pair shares its 3DGS run up to fix_start."""
+NOISE_SIGMAS = 2.0
+"""A difference is "within noise" below this many standard deviations of a seed-only difference."""
 
 
 @dataclass
 class BenchQuality:
-    """Settings; the defaults are the full run (about an hour on 2 CPU cores)."""
+    """Settings; the defaults are the full run."""
 
     work: Path = Path("bench_quality_work")
-    """Scenes, curated pairs, the trained Difix and the nerfstudio runs (resumable)."""
+    """Scenes, curated pairs, the trained Difix and the nerfstudio runs (resumable stages)."""
     results: Path = Path("benchmarks")
     """Where quality.json, quality.md, quality_grid.png and quality_rounds.png go."""
     quick: bool = False
-    """Smoke test: one small scene each, very few steps (overrides the sizes below)."""
-    train_seeds: tuple[int, ...] = (101, 102, 103, 104, 105, 106)
-    """Seeds of the training scenes (Difix's data)."""
-    eval_seeds: tuple[int, ...] = (201, 202, 203, 204)
-    """Seeds of the evaluation scenes (never seen by Difix)."""
+    """Smoke test: one small scene, very few steps (overrides the sizes below)."""
+    difix: str | None = None
+    """Evaluate this Difix without training one: a model folder, `embedded` (the Difix shipped in the
+    package), or any `load_difix` spec (`tiny`: random weights). Unset: train the tiny Difix first."""
+    eval_seeds: tuple[int, ...] = EVALUATION_SEEDS
+    """Seeds of the evaluation scenes (`difix3d.seeds`: reserved, never used for Difix training data)."""
+    noise_seeds: tuple[int, ...] = (0, 1, 2)
+    """Training seeds of the plain 3DGS repeats (nerfstudio's seed and camera-order seed); Difix3D
+    continues from the first one's checkpoint."""
+    allow_mixed_code: bool = False
+    """Reuse finished stages made by other code (another commit, uncommitted changes) instead of refusing."""
     width: int = 160
     height: int = 120
     steps: int = 1000
     """3DGS steps of every evaluation run (plain and Difix3D alike)."""
     fix_start: int = 400
+    """Step of Difix3D's first fix round; before it, Difix3D and plain 3DGS are the same run."""
     steps_per_fix: int = 150
     pose_step: float = 0.3
     """Progressive pose step in nerfstudio's normalised scene units (scenes span about [-1, 1])."""
     pseudo_view_prob: float = 0.3
+    jobs: int = 2
+    """Evaluation scenes run at once, each subprocess with `threads` threads (2 on 2 cores: about half
+    the time of 1 when nothing else runs)."""
+    grid_views: int = 1
+    """Held-out views per evaluation scene shown in the grid."""
+    threads: int = 1
+    """Torch/OpenMP threads here and in the nerfstudio subprocesses (0: torch's default). On a busy
+    2-core machine one thread is many times faster than two (no spinning on shared cores)."""
+    # Training the tiny Difix (only without --difix).
+    train_seeds: tuple[int, ...] = (101, 102, 103, 104, 105, 106)
+    """Seeds of the training scenes (Difix's data); must lie outside `difix3d.seeds.EVALUATION_SEED_RANGE`."""
     curate_steps: int = 600
     """3DGS steps of a full curation reconstruction ("normal schedule")."""
     curate_strategies: tuple[str, ...] = ("sparse", "cross")
@@ -81,14 +142,7 @@ class BenchQuality:
     difix_lr: float = 5e-4
     """The tiny Difix starts from random weights, hence far above the release's 2e-5."""
     lambda_lpips: float = 0.0
-    """LPIPS/Gram need ImageNet VGG-16 weights, absent offline: with random features they are not
-    perceptual, so the full run trains on L2 only."""
     lambda_gram: float = 0.0
-    grid_views: int = 2
-    """Held-out views per evaluation scene shown in the grid."""
-    threads: int = 1
-    """Torch/OpenMP threads here and in the nerfstudio subprocesses (0: torch's default). On a busy
-    2-core machine one thread is many times faster than two (no spinning on shared cores)."""
     ship: Path | None = None
     """Copy the trained Difix (weights, config, model card with these results) to this folder."""
 
@@ -96,10 +150,22 @@ class BenchQuality:
         if not self.quick:
             return self
         return dataclasses.replace(
-            self, train_seeds=self.train_seeds[:1], eval_seeds=self.eval_seeds[:1], width=80, height=60,
+            self, train_seeds=self.train_seeds[:1], eval_seeds=self.eval_seeds[:1], noise_seeds=self.noise_seeds[:2], width=80, height=60,
             steps=60, fix_start=20, steps_per_fix=20, curate_steps=30, curate_strategies=("sparse",),
             autoencoder_steps=4, difix_steps=4, difix_crop=48, grid_views=1,
         )  # fmt: skip
+
+    def check(self) -> None:
+        if len(self.noise_seeds) < 2 or len(set(self.noise_seeds)) != len(self.noise_seeds):
+            raise Difix3DError(f"--noise-seeds needs at least 2 distinct seeds for a noise floor, got {self.noise_seeds}")
+        if not 2 <= self.fix_start < self.steps:
+            raise Difix3DError(f"--fix-start must lie inside the run: 2 <= {self.fix_start} < steps = {self.steps}")
+        if self.difix is None and any(is_evaluation_seed(seed) for seed in self.train_seeds):
+            raise Difix3DError(f"--train-seeds {self.train_seeds} overlap the evaluation seed range (difix3d.seeds)")
+        if set(self.train_seeds) & set(self.eval_seeds):
+            raise Difix3DError("training and evaluation seeds must be disjoint")
+        if self.ship is not None and self.difix is not None:
+            raise Difix3DError("--ship copies the Difix trained here; it cannot be used with --difix")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -120,10 +186,17 @@ def run(bench: BenchQuality, *command: str | Path, log_file: Path) -> None:
     """Run a command, its output into `log_file`; raise with the log's tail when it fails."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("w") as output:
-        result = subprocess.run([str(part) for part in command], env=subprocess_env(bench), stdout=output, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
+        process = subprocess.Popen([str(part) for part in command], env=subprocess_env(bench), stdout=output, stderr=subprocess.STDOUT)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)  # wait() with the child's own CPU time
+        except BaseException:
+            process.kill()
+            raise
+        process.returncode = os.waitstatus_to_exitcode(status)
+    add_children_cpu(usage.ru_utime + usage.ru_stime)
+    if process.returncode != 0:
         tail = log_file.read_text()[-3000:]
-        raise RuntimeError(f"{Path(str(command[0])).name} failed (exit {result.returncode}); {log_file}:\n{tail}")
+        raise RuntimeError(f"{Path(str(command[0])).name} failed (exit {process.returncode}); {log_file}:\n{tail}")
 
 
 def write_json(path: Path, content) -> None:
@@ -133,9 +206,17 @@ def write_json(path: Path, content) -> None:
     temporary.replace(path)
 
 
+def jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
 def load_rgb(path: Path) -> torch.Tensor:
     """[3, H, W] float in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(iio.imread(path)[..., :3])).permute(2, 0, 1).float() / 255
+
+
+def save_rgb(path: Path, image: torch.Tensor) -> None:
+    iio.imwrite(path, (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
 def view_names(scene: Path, kind: str) -> list[str]:
@@ -148,122 +229,325 @@ def eval_names_in_target_order(scene: Path) -> list[str]:
     return [image.name for _, image in sorted(reconstruction.images.items()) if "eval" in image.name]
 
 
-# ---------------------------------------------------------------------------------- stages
+def hash_files(digest, root: Path, files) -> None:
+    for file in files:
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        with file.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
 
 
-def build_scenes(bench: BenchQuality) -> tuple[list[Path], list[Path]]:
+# ---------------------------------------------------------------------------------- provenance
+
+
+_CPU = threading.local()
+
+
+def cpu_seconds() -> float:
+    """CPU time of this thread and of the subprocesses it ran (`run`, `count_children_cpu`): unlike
+    wall time, it does not grow when other jobs share the cores."""
+    return time.thread_time() + getattr(_CPU, "children", 0.0)
+
+
+def add_children_cpu(seconds: float) -> None:
+    _CPU.children = getattr(_CPU, "children", 0.0) + seconds
+
+
+def children_cpu() -> float:
+    """CPU time of every finished subprocess of this process (exact only while one thread runs them)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def git(*arguments: str) -> str | None:
+    try:
+        result = subprocess.run(["git", "-C", str(REPO), *arguments], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def code_version() -> dict:
+    """The code that runs now: git commit, whether the code paths have uncommitted changes, and a
+    hash of the code files themselves (what stages are compared by, so a commit that only touches
+    documentation does not invalidate finished stages)."""
+    files = []
+    for name in CODE_PATHS:
+        path = REPO / name
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.is_file() else []
+    digest = hashlib.sha256()
+    hash_files(digest, REPO, files)
+    status = git("status", "--porcelain", "--", *CODE_PATHS)
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "dirty": None if status is None else bool(status),
+        "code_hash": digest.hexdigest()[:16],
+    }
+
+
+def describe_code(code: dict) -> str:
+    state = {True: " + uncommitted changes", False: "", None: " (dirty state unknown)"}[code["dirty"]]
+    return f"{code['commit'][:12]}{state} (code hash {code['code_hash']})"
+
+
+@dataclass
+class StageBook:
+    """Finished stages: a stage is a folder whose `stage.json` records its settings, its inputs
+    (the records of the stages it was made from) and the code that made it."""
+
+    work: Path
+    code: dict
+    allow_mixed_code: bool
+    records: dict[str, dict] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)
+
+    def ensure(self, folder: Path, settings: dict, make: Callable[[], None], inputs: tuple[dict, ...] = ()) -> dict:
+        """The record of the stage in `folder`, running `make()` first unless it is finished with
+        these settings and inputs. Refuses a stage made with other settings or by other code."""
+        name = folder.relative_to(self.work).as_posix()
+        settings = jsonable(settings)
+        input_ids = {record["stage"]: record["finished"] for record in inputs}
+        path = folder / STAGE_RECORD
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record["settings"] != settings:
+                changed = sorted(key for key in {**settings, **record["settings"]} if settings.get(key) != record["settings"].get(key))
+                raise Difix3DError(
+                    f"stage {name} was made with other settings ({', '.join(changed)}); delete {folder} "
+                    "(or choose another --work) to redo it"
+                )
+            if record["inputs"] == input_ids:
+                if record["code"]["code_hash"] != self.code["code_hash"] and not self.allow_mixed_code:
+                    raise Difix3DError(
+                        f"stage {name} was made by other code ({describe_code(record['code'])}) than this "
+                        f"({describe_code(self.code)}); delete {self.work} (or that stage) to redo it, or pass "
+                        "--allow-mixed-code to reuse it"
+                    )
+                self.records[name] = record
+                return record
+            log(f"{name}: its inputs were redone since; redoing it")
+        started, cpu_started = time.perf_counter(), cpu_seconds()
+        make()
+        record = {
+            "stage": name,
+            "settings": settings,
+            "inputs": input_ids,
+            "code": self.code,
+            "seconds": round(time.perf_counter() - started, 1),
+            "cpu_seconds": round(cpu_seconds() - cpu_started, 1),
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        }
+        write_json(path, record)
+        self.records[name] = record
+        self.ran.append(name)
+        return record
+
+    def code_versions(self) -> list[dict]:
+        """Every code version among the stages used, with the stages it made."""
+        versions: dict[str, dict] = {}
+        for name, record in sorted(self.records.items()):
+            entry = versions.setdefault(record["code"]["code_hash"], {**record["code"], "stages": []})
+            entry["stages"].append(name)
+        return list(versions.values())
+
+
+def difix_identity(spec: str) -> str:
+    """A folder-name-safe id of a Difix: its name plus a hash of its weights and config (of the spec
+    itself for names such as `tiny` and hub ids)."""
+    from difix3d.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+    path = Path(spec)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        files = [path / CONFIG_FILE, path / WEIGHTS_FILE] if (path / CONFIG_FILE).is_file() else sorted(
+            file for file in path.rglob("*") if file.is_file() and file.suffix != ".md"
+        )
+        hash_files(digest, path, files)
+        name = path.name
+    elif path.is_file():
+        hash_files(digest, path.parent, [path])
+        name = path.stem
+    else:
+        digest.update(spec.encode())
+        name = spec.replace("/", "_")
+    return f"{name}-{digest.hexdigest()[:10]}"
+
+
+def resolve_difix_spec(spec: str) -> str:
+    from difix3d.model_ids import EMBEDDED_DIFIX
+
+    if spec == "embedded":
+        return EMBEDDED_DIFIX
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+# ---------------------------------------------------------------------------------- training a Difix (full mode)
+
+
+def build_scenes(bench: BenchQuality, book: StageBook, kind: str, seeds) -> list[tuple[Path, dict]]:
     from difix3d.scenes import build_scene
 
-    if set(bench.train_seeds) & set(bench.eval_seeds):
-        raise SystemExit("training and evaluation seeds must be disjoint")
-    scenes = {"train": [], "eval": []}
-    for kind, seeds in (("train", bench.train_seeds), ("eval", bench.eval_seeds)):
-        for seed in seeds:
-            folder = bench.work / "scenes" / f"{kind}_{seed}"
-            if not (folder / "ground_truth.json").is_file():
-                log(f"building scene {folder.name}")
-                build_scene(folder, seed=seed, width=bench.width, height=bench.height, overwrite=True, log=lambda m: None)
-            scenes[kind].append(folder)
-    return scenes["train"], scenes["eval"]
+    scenes = []
+    for seed in seeds:
+        folder = bench.work / "scenes" / f"{kind}_{seed}"
+
+        def make(folder=folder, seed=seed):
+            log(f"building scene {folder.name}")
+            build_scene(folder, seed=seed, width=bench.width, height=bench.height, overwrite=True, log=lambda m: None)
+
+        scenes.append((folder, book.ensure(folder, {"seed": seed, "width": bench.width, "height": bench.height}, make)))
+    return scenes
 
 
-def curate_pairs(bench: BenchQuality, train_scenes: list[Path]) -> Path:
+def curate_pairs(bench: BenchQuality, book: StageBook, train_scenes: list[tuple[Path, dict]]) -> tuple[Path, dict]:
     from difix3d.curation import CurateConfig, curate
 
-    log(f"curating {bench.curate_strategies} pairs from {len(train_scenes)} training scene(s)")
-    result = curate(
-        CurateConfig(
-            scene=train_scenes, out=bench.work / "curated", strategies=bench.curate_strategies,
-            steps=bench.curate_steps, device="cpu", test_fraction=0.1,
-        )
-    )  # fmt: skip
-    log(f"dataset: {result.num_train} train / {result.num_test} test pairs")
-    return result.dataset
+    folder = bench.work / "curated"
+
+    def make():
+        log(f"curating {bench.curate_strategies} pairs from {len(train_scenes)} training scene(s)")
+        before = children_cpu()  # curate runs its own subprocesses; nothing else runs now
+        result = curate(
+            CurateConfig(
+                scene=[scene for scene, _ in train_scenes], out=folder, strategies=bench.curate_strategies,
+                steps=bench.curate_steps, device="cpu", test_fraction=0.1,
+            )
+        )  # fmt: skip
+        add_children_cpu(children_cpu() - before)
+        log(f"dataset: {result.num_train} train / {result.num_test} test pairs")
+
+    settings = {"strategies": bench.curate_strategies, "steps": bench.curate_steps, "test_fraction": 0.1}
+    record = book.ensure(folder, settings, make, inputs=tuple(record for _, record in train_scenes))
+    return folder / "dataset.json", record
 
 
-def pretrain_autoencoder(bench: BenchQuality, dataset: Path) -> Path:
+def pretrain_autoencoder(bench: BenchQuality, book: StageBook, dataset: Path, dataset_record: dict) -> tuple[Path, dict]:
     """A `tiny` Difix whose VAE (encoder, decoder base weights, skip convs; LoRA and UNet untouched)
     is trained as a plain autoencoder (L2, posterior mean, no KL) on every image of the dataset."""
-    import torch.nn.functional as F
-
-    from difix3d.checkpoint import WEIGHTS_FILE, save_pretrained
-    from difix3d.model import Difix
-
     folder = bench.work / "difix_init"
-    if (folder / WEIGHTS_FILE).is_file():
-        return folder
-    log(f"pretraining the tiny Difix's autoencoder for {bench.autoencoder_steps} steps")
-    content = json.loads(dataset.read_text())
-    files = sorted({dataset.parent / pair[key] for split in content.values() for pair in split.values()
-                    for key in ("image", "target_image", "ref_image") if pair.get(key)})  # fmt: skip
-    images = torch.stack([load_rgb(file) for file in files]) * 2 - 1
-    difix = Difix.from_config("tiny")
-    parameters = [p for name, p in difix.vae.named_parameters() if "lora_" not in name]
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parameters, lr=bench.autoencoder_lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(0)
-    crop = min(bench.difix_crop, images.shape[-2], images.shape[-1]) // 8 * 8
-    difix.train()
-    for step in range(bench.autoencoder_steps):
-        index = torch.randint(len(images), (4,), generator=generator)
-        top = int(torch.randint(images.shape[-2] - crop + 1, (1,), generator=generator))
-        left = int(torch.randint(images.shape[-1] - crop + 1, (1,), generator=generator))
-        batch = images[index, :, top : top + crop, left : left + crop]
-        loss = F.mse_loss(difix.decode(*difix.encode(batch)), batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 100 == 0 or step == bench.autoencoder_steps - 1:
-            log(f"autoencoder step {step}: L2 {loss.item():.5f} (~{10 * np.log10(4 / loss.item()):.1f} dB)")
-    difix._freeze()
-    save_pretrained(difix.eval(), folder)
-    return folder
+
+    def make():
+        import torch.nn.functional as F
+
+        from difix3d.checkpoint import save_pretrained
+        from difix3d.model import Difix
+
+        log(f"pretraining the tiny Difix's autoencoder for {bench.autoencoder_steps} steps")
+        content = json.loads(dataset.read_text())
+        files = sorted({dataset.parent / pair[key] for split in content.values() for pair in split.values()
+                        for key in ("image", "target_image", "ref_image") if pair.get(key)})  # fmt: skip
+        images = torch.stack([load_rgb(file) for file in files]) * 2 - 1
+        difix = Difix.from_config("tiny")
+        parameters = [p for name, p in difix.vae.named_parameters() if "lora_" not in name]
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.AdamW(parameters, lr=bench.autoencoder_lr, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(0)
+        crop = min(bench.difix_crop, images.shape[-2], images.shape[-1]) // 8 * 8
+        difix.train()
+        for step in range(bench.autoencoder_steps):
+            index = torch.randint(len(images), (4,), generator=generator)
+            top = int(torch.randint(images.shape[-2] - crop + 1, (1,), generator=generator))
+            left = int(torch.randint(images.shape[-1] - crop + 1, (1,), generator=generator))
+            batch = images[index, :, top : top + crop, left : left + crop]
+            loss = F.mse_loss(difix.decode(*difix.encode(batch)), batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % 100 == 0 or step == bench.autoencoder_steps - 1:
+                log(f"autoencoder step {step}: L2 {loss.item():.5f} (~{10 * np.log10(4 / loss.item()):.1f} dB)")
+        difix._freeze()
+        save_pretrained(difix.eval(), folder)
+
+    settings = {"steps": bench.autoencoder_steps, "lr": bench.autoencoder_lr, "crop": bench.difix_crop}
+    return folder, book.ensure(folder, settings, make, inputs=(dataset_record,))
 
 
-def train_difix(bench: BenchQuality, dataset: Path) -> tuple[Path, dict]:
+def train_difix(bench: BenchQuality, book: StageBook, dataset: Path, dataset_record: dict) -> tuple[Path, dict]:
     """The trained tiny Difix folder and its training record (steps, losses, time)."""
     from difix3d.training import TrainConfig, train
 
+    start, start_record = pretrain_autoencoder(bench, book, dataset, dataset_record)
     folder = bench.work / "difix"
-    record_path = bench.work / "difix_training.json"
-    if record_path.is_file():
-        return folder, json.loads(record_path.read_text())
-    start = pretrain_autoencoder(bench, dataset)
-    log(f"training the tiny Difix for {bench.difix_steps} steps")
-    started = time.perf_counter()
-    result = train(
-        TrainConfig(
-            dataset=dataset, output=folder, model=str(start.resolve()), perceptual_backbone="random",
-            lambda_lpips=bench.lambda_lpips, lambda_gram=bench.lambda_gram, gram_warmup_steps=0,
-            steps=bench.difix_steps, crop_size=bench.difix_crop, learning_rate=bench.difix_lr,
-            eval_every=max(bench.difix_steps // 4, 1), checkpoint_every=max(bench.difix_steps // 4, 1),
-            resume=(folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("step-*")),
-        )
-    )  # fmt: skip
-    record = {
-        "steps": result.final_step,
-        "seconds_this_session": round(time.perf_counter() - started, 1),
-        "final_loss": result.losses[-1] if result.losses else None,
-        "evaluations": result.evaluations,
-        "dataset_pairs": {split: len(pairs) for split, pairs in json.loads(dataset.read_text()).items()},
-    }
-    write_json(record_path, record)
-    return folder, record
+    training_path = bench.work / "difix_training.json"
+
+    def make():
+        log(f"training the tiny Difix for {bench.difix_steps} steps")
+        started = time.perf_counter()
+        result = train(
+            TrainConfig(
+                dataset=dataset, output=folder, model=str(start.resolve()), perceptual_backbone="random",
+                lambda_lpips=bench.lambda_lpips, lambda_gram=bench.lambda_gram, gram_warmup_steps=0,
+                steps=bench.difix_steps, crop_size=bench.difix_crop, learning_rate=bench.difix_lr,
+                eval_every=max(bench.difix_steps // 4, 1), checkpoint_every=max(bench.difix_steps // 4, 1),
+                resume=(folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("step-*")),
+            )
+        )  # fmt: skip
+        write_json(training_path, {
+            "steps": result.final_step,
+            "seconds_this_session": round(time.perf_counter() - started, 1),
+            "final_loss": result.losses[-1] if result.losses else None,
+            "evaluations": result.evaluations,
+            "dataset_pairs": {split: len(pairs) for split, pairs in json.loads(dataset.read_text()).items()},
+        })  # fmt: skip
+
+    settings = {
+        "steps": bench.difix_steps, "crop": bench.difix_crop, "lr": bench.difix_lr,
+        "lambda_lpips": bench.lambda_lpips, "lambda_gram": bench.lambda_gram,
+    }  # fmt: skip
+    book.ensure(folder, settings, make, inputs=(dataset_record, start_record))
+    return folder, json.loads(training_path.read_text())
 
 
-def ns_train(bench: BenchQuality, scene: Path, run_root: Path, *extra: str | Path) -> Path:
-    """A fresh `ns-train difix3d-gs` run of `bench.steps` steps; returns its config.yml."""
+# ---------------------------------------------------------------------------------- evaluation stages
+
+
+def ns_train(bench: BenchQuality, scene: Path, run_root: Path, seed: int, *extra: str | Path) -> Path:
+    """A fresh `ns-train difix3d-gs` run of `bench.steps` steps with training seed `seed`; returns
+    its config.yml. It keeps its checkpoint of step fix_start - 1 (the last step before the first fix
+    round), where a plain and a Difix3D run of one seed must still be identical."""
     shutil.rmtree(run_root, ignore_errors=True)
+    never = 10 * bench.steps
     run(
         bench, BIN / "ns-train", "difix3d-gs", "--data", scene, "--output-dir", run_root, "--experiment-name", "bench",
-        "--timestamp", "run", "--machine.device-type", "cpu", "--vis", "tensorboard",
-        "--max-num-iterations", bench.steps, "--steps-per-save", bench.steps,
-        "--steps-per-eval-image", 10 * bench.steps, "--steps-per-eval-all-images", 10 * bench.steps,
+        "--timestamp", "run", "--machine.device-type", "cpu", "--machine.seed", seed,
+        "--pipeline.datamanager.train-cameras-sampling-seed", seed, "--vis", "tensorboard",
+        "--max-num-iterations", bench.steps, "--steps-per-save", bench.fix_start - 1, "--save-only-latest-checkpoint", "False",
+        "--steps-per-eval-image", never, "--steps-per-eval-all-images", never,
         "--pipeline.model.num-downscales", 0, *extra,
         log_file=run_root / "ns-train.log",
     )  # fmt: skip
-    return run_root / "bench" / "difix3d-gs" / "run" / "config.yml"
+    checkpoints = run_base(run_root) / "nerfstudio_models"
+    keep = {checkpoint_path(run_root, bench.fix_start - 1), max(checkpoints.glob("step-*.ckpt"))}
+    for checkpoint in checkpoints.glob("step-*.ckpt"):
+        if checkpoint not in keep:
+            checkpoint.unlink()  # only the last one is rendered
+    return run_base(run_root) / "config.yml"
+
+
+def run_base(run_root: Path) -> Path:
+    return run_root / "bench" / "difix3d-gs" / "run"
+
+
+def checkpoint_path(run_root: Path, step: int) -> Path:
+    return run_base(run_root) / "nerfstudio_models" / f"step-{step:09d}.ckpt"
+
+
+def same_checkpoints(first: Path, second: Path) -> bool:
+    """Whether two nerfstudio checkpoints hold bit-identical models and optimizer states."""
+
+    def tensors(path: Path) -> dict:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        flat = {f"pipeline/{k}": v for k, v in state["pipeline"].items() if isinstance(v, torch.Tensor)}
+        for name, optimizer in state["optimizers"].items():
+            for index, values in optimizer["state"].items():
+                flat.update({f"optimizer/{name}/{index}/{k}": v for k, v in values.items() if isinstance(v, torch.Tensor)})
+        return flat
+
+    a, b = tensors(first), tensors(second)
+    return a.keys() == b.keys() and all(a[key].shape == b[key].shape and torch.equal(a[key], b[key]) for key in a)
 
 
 def ns_render(bench: BenchQuality, config: Path, split: str, names: list[str], output: Path) -> None:
@@ -274,13 +558,105 @@ def ns_render(bench: BenchQuality, config: Path, split: str, names: list[str], o
     )  # fmt: skip
 
 
+@dataclass
+class SceneRuns:
+    """Where one evaluation scene's stages are, and their records."""
+
+    scene: Path
+    plain: dict[int, Path] = field(default_factory=dict)
+    """Training seed -> the plain 3DGS stage folder (renders/{train,test}/rgb, run/)."""
+    difix3d: Path | None = None
+    """The Difix3D stage folder (renders/test/{rgb,rgb_enhanced}, run/, pairing.json)."""
+    on_renders: Path | None = None
+    """Difix on the first seed's plain renders: {test,train}/."""
+    records: list[dict] = field(default_factory=list)
+
+
+def evaluate_scene(bench: BenchQuality, book: StageBook, scene: Path, scene_record: dict, difix_spec: str, difix_id: str, get_difix) -> SceneRuns:
+    out = bench.work / "eval" / scene.name
+    runs = SceneRuns(scene, records=[scene_record])
+    for seed in bench.noise_seeds:
+        folder = out / f"plain_seed{seed}"
+
+        def make_plain(folder=folder, seed=seed):
+            log(f"{scene.name}: plain 3DGS, training seed {seed}, {bench.steps} steps")
+            config = ns_train(bench, scene, folder / "run", seed, "--pipeline.difix.enabled", "False")
+            ns_render(bench, config, "train+test", ["rgb"], folder / "renders")
+
+        settings = {"train_seed": seed, "steps": bench.steps, "checkpoint_step": bench.fix_start - 1}
+        runs.records.append(book.ensure(folder, settings, make_plain, (scene_record,)))
+        runs.plain[seed] = folder
+
+    seed = bench.noise_seeds[0]
+    plain, plain_record = runs.plain[seed], runs.records[1]
+    runs.difix3d = out / f"difix-{difix_id}" / "difix3d"
+
+    def make_difix3d():
+        log(f"{scene.name}: Difix3D, training seed {seed}, {bench.steps} steps")
+        config = ns_train(
+            bench, scene, runs.difix3d / "run", seed, "--pipeline.difix.model", difix_spec,
+            "--pipeline.progressive.fix-start", bench.fix_start, "--pipeline.progressive.steps-per-fix", bench.steps_per_fix,
+            "--pipeline.progressive.pose-step", bench.pose_step, "--pipeline.progressive.pseudo-view-prob", bench.pseudo_view_prob,
+        )  # fmt: skip
+        step = bench.fix_start - 1
+        identical = same_checkpoints(checkpoint_path(plain / "run", step), checkpoint_path(runs.difix3d / "run", step))
+        if not identical:
+            log(f"{scene.name}: WARNING: Difix3D and plain 3DGS differ at step {step}, before the first fix round")
+        write_json(runs.difix3d / "pairing.json", {"identical_to_plain_3dgs_at_step": step, "identical": identical})
+        ns_render(bench, config, "test", ["rgb", "rgb_enhanced"], runs.difix3d / "renders")
+
+    settings = {
+        "difix": difix_id, "train_seed": seed, "steps": bench.steps, "fix_start": bench.fix_start,
+        "steps_per_fix": bench.steps_per_fix, "pose_step": bench.pose_step, "pseudo_view_prob": bench.pseudo_view_prob,
+    }  # fmt: skip
+    runs.records.append(book.ensure(runs.difix3d, settings, make_difix3d, (plain_record,)))
+
+    runs.on_renders = out / f"difix-{difix_id}" / "on_renders"
+
+    def make_on_renders():
+        log(f"{scene.name}: Difix on the plain 3DGS renders (held-out and training views)")
+        difix_on_renders(scene, plain, runs.on_renders, get_difix())
+
+    runs.records.append(book.ensure(runs.on_renders, {"difix": difix_id}, make_on_renders, (plain_record,)))
+    return runs
+
+
+def difix_on_renders(scene: Path, plain: Path, output: Path, difix) -> None:
+    """Difix on the plain 3DGS renders: held-out views referenced as the plugin's Difix3D+ does (the
+    nearest training view in nerfstudio's scene units), training views by the nearest *other*
+    training view (its own photograph would let Difix copy the answer)."""
+    from difix3d.curation import load_scene, nearest_references
+
+    views = load_scene(scene)
+    # nerfstudio moves the scene rigidly and scales it; the pose distance (translation + rotation
+    # angle) changes only by that scale, which weighs translation against rotation.
+    scale = json.loads((run_base(plain / "run") / "dataparser_transforms.json").read_text())["scale"]
+    poses = views.poses.copy()
+    poses[:, :3, 3] *= scale
+    scaled = dataclasses.replace(views, poses=poses)
+    train_views = view_names(scene, "train")
+    for split, names in (("test", view_names(scene, "eval")), ("train", train_views)):
+        references = nearest_references(scaled, names, train_views)
+        renders = torch.stack([load_rgb(plain / "renders" / split / "rgb" / name) for name in names])
+        refs = torch.stack([load_rgb(scene / "images" / reference) for reference in references])
+        with torch.no_grad():
+            fixed = difix.fix(renders, refs)
+        (output / split).mkdir(parents=True, exist_ok=True)
+        for name, image in zip(names, fixed):
+            save_rgb(output / split / name, image)
+
+
+# ---------------------------------------------------------------------------------- scores
+
+
 class Scorer:
-    """PSNR, SSIM and (when backbone weights exist) LPIPS of one image against its ground truth."""
+    """PSNR, SSIM and (when the AlexNet weights exist) LPIPS of one image against its ground truth."""
 
     def __init__(self):
         from difix3d.metrics import LPIPSMetric
 
         self.lpips = LPIPSMetric("alex")
+        self.lpips_unavailable = self.lpips.unavailable_reason
 
     def __call__(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         from difix3d.metrics import psnr, ssim
@@ -292,75 +668,8 @@ class Scorer:
             scores["lpips"] = float(lpips)
         return scores
 
-
-def evaluate_scene(bench: BenchQuality, scene: Path, difix_folder: Path, difix, scorer: Scorer) -> dict:
-    """All four methods on one evaluation scene; cached in work/eval/<scene>/result.json."""
-    from difix3d.curation import load_scene, nearest_references
-
-    out = bench.work / "eval" / scene.name
-    result_path = out / "result.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
-    eval_views, train_views = view_names(scene, "eval"), view_names(scene, "train")
-
-    plain_renders = out / "plain" / "renders"
-    if not (out / "plain" / "done").is_file():
-        log(f"{scene.name}: plain 3DGS, {bench.steps} steps")
-        started = time.perf_counter()
-        config = ns_train(bench, scene, out / "plain" / "run", "--pipeline.difix.enabled", "False")
-        ns_render(bench, config, "train+test", ["rgb"], plain_renders)
-        (out / "plain" / "done").write_text(f"{time.perf_counter() - started:.1f}\n")
-
-    difix_renders = out / "difix3d" / "renders"
-    if not (out / "difix3d" / "done").is_file():
-        log(f"{scene.name}: Difix3D, {bench.steps} steps")
-        started = time.perf_counter()
-        config = ns_train(
-            bench, scene, out / "difix3d" / "run", "--pipeline.difix.model", difix_folder.resolve(),
-            "--pipeline.progressive.fix-start", bench.fix_start, "--pipeline.progressive.steps-per-fix", bench.steps_per_fix,
-            "--pipeline.progressive.pose-step", bench.pose_step, "--pipeline.progressive.pseudo-view-prob", bench.pseudo_view_prob,
-        )  # fmt: skip
-        ns_render(bench, config, "test", ["rgb", "rgb_enhanced"], difix_renders)
-        (out / "difix3d" / "done").write_text(f"{time.perf_counter() - started:.1f}\n")
-
-    # Difix on the plain renders, referenced like Difix3D+ by the nearest training view.
-    views = load_scene(scene)
-    references = nearest_references(views, eval_views, train_views)
-    fixed_dir = out / "difix_on_3dgs"
-    fixed_dir.mkdir(parents=True, exist_ok=True)
-    for view, reference in zip(eval_views, references):
-        render = load_rgb(plain_renders / "test" / "rgb" / view)
-        fixed = difix.fix(render, load_rgb(scene / "images" / reference)).clamp(0, 1)
-        iio.imwrite(fixed_dir / view, (fixed.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-
-    sources = {
-        "3dgs": plain_renders / "test" / "rgb",
-        "difix3d": difix_renders / "test" / "rgb",
-        "difix3d+": difix_renders / "test" / "rgb_enhanced",
-        "difix_on_3dgs": fixed_dir,
-    }
-    per_view = {
-        method: {view: scorer(load_rgb(folder / view), load_rgb(scene / "images" / view)) for view in eval_views}
-        for method, folder in sources.items()
-    }
-    train_psnr = [
-        scorer(load_rgb(plain_renders / "train" / "rgb" / view), load_rgb(scene / "images" / view))["psnr"]
-        for view in train_views
-    ]
-    result = {
-        "scene": scene.name,
-        "per_view": per_view,
-        "mean": {method: mean_scores(scores.values()) for method, scores in per_view.items()},
-        "train_view_psnr_3dgs": float(np.mean(train_psnr)),
-        "rounds": round_scores(scene, out / "difix3d" / "run" / "bench" / "difix3d-gs" / "run" / "difix3d", scorer),
-        "seconds": {
-            "3dgs": float((out / "plain" / "done").read_text()),
-            "difix3d": float((out / "difix3d" / "done").read_text()),
-        },
-        "paths": {method: str(folder) for method, folder in sources.items()},
-    }
-    write_json(result_path, result)
-    return result
+    def folder(self, folder: Path, scene: Path, names: list[str]) -> dict[str, dict[str, float]]:
+        return {name: self(load_rgb(folder / name), load_rgb(scene / "images" / name)) for name in names}
 
 
 def mean_scores(scores) -> dict[str, float]:
@@ -368,8 +677,41 @@ def mean_scores(scores) -> dict[str, float]:
     return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
 
 
+def score_scene(bench: BenchQuality, runs: SceneRuns, scorer: Scorer) -> dict:
+    scene = runs.scene
+    eval_views, train_views = view_names(scene, "eval"), view_names(scene, "train")
+    first = bench.noise_seeds[0]
+    sources = {
+        "3dgs": runs.plain[first] / "renders" / "test" / "rgb",
+        "difix3d": runs.difix3d / "renders" / "test" / "rgb",
+        "difix3d+": runs.difix3d / "renders" / "test" / "rgb_enhanced",
+        "difix_on_3dgs": runs.on_renders / "test",
+    }
+    per_view = {method: scorer.folder(folder, scene, eval_views) for method, folder in sources.items()}
+    seeds = {
+        str(seed): mean_scores(scorer.folder(folder / "renders" / "test" / "rgb", scene, eval_views).values())
+        for seed, folder in runs.plain.items()
+    }
+    train_views_3dgs = {
+        str(seed): mean_scores(scorer.folder(folder / "renders" / "train" / "rgb", scene, train_views).values())
+        for seed, folder in runs.plain.items()
+    }
+    train_views_fixed = mean_scores(scorer.folder(runs.on_renders / "train", scene, train_views).values())
+    return {
+        "scene": scene.name,
+        "per_view": per_view,
+        "mean": {method: mean_scores(scores.values()) for method, scores in per_view.items()},
+        "plain_seeds": seeds,
+        "train_views": {"3dgs": train_views_3dgs[str(first)], "difix_on_3dgs": train_views_fixed, "3dgs_seeds": train_views_3dgs},
+        "rounds": round_scores(scene, run_base(runs.difix3d / "run") / "difix3d", scorer),
+        "pairing": json.loads((runs.difix3d / "pairing.json").read_text()),
+        "seconds": {record["stage"]: record["seconds"] for record in runs.records},
+        "paths": {method: str(folder) for method, folder in sources.items()},
+    }
+
+
 def round_scores(scene: Path, progressive_dir: Path, scorer: Scorer) -> list[dict]:
-    """Per fix round: mean PSNR/SSIM of the 3DGS render and of its Difix output at the pseudo views
+    """Per fix round: mean scores of the 3DGS render and of its Difix output at the pseudo views
     that reached their target (only those have a photograph), and the mean distance to target."""
     manifest = json.loads((progressive_dir / "manifest.json").read_text())
     targets = eval_names_in_target_order(scene)
@@ -393,89 +735,227 @@ def round_scores(scene: Path, progressive_dir: Path, scorer: Scorer) -> list[dic
     return rounds
 
 
-# ---------------------------------------------------------------------------------- report
+# ---------------------------------------------------------------------------------- summary
 
 
-def summarise(results: list[dict]) -> dict:
-    """Mean and standard deviation over scenes of each method's per-scene mean, and gains over 3DGS."""
-    summary = {}
-    for method in METHODS:
-        summary[method] = {}
-        for metric in results[0]["mean"][method]:
-            values = [result["mean"][method][metric] for result in results]
-            summary[method][metric] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
-    gains = {}
-    for method in METHODS[1:]:
-        gains[method] = {}
-        for metric in summary[method]:
-            values = [result["mean"][method][metric] - result["mean"]["3dgs"][metric] for result in results]
-            gains[method][metric] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
-    train_psnr = [result["train_view_psnr_3dgs"] for result in results]
+def spread(values) -> dict:
+    """Mean and standard deviation (population, as over a fixed set of scenes)."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def noise_floor(bench: BenchQuality, results: list[dict], metrics: list[str]) -> dict:
+    """Seed-to-seed spread of plain 3DGS: per scene the sample standard deviation over the training
+    seeds, pooled over scenes; and the band a seed-only difference stays inside (NOISE_SIGMAS standard
+    deviations of the difference of two seeds: sqrt(2) sigma per scene, sqrt(2/M) sigma for a mean over M scenes)."""
+    per_scene = {
+        result["scene"]: {
+            metric: {"values": [result["plain_seeds"][str(s)][metric] for s in bench.noise_seeds],
+                     "std": float(np.std([result["plain_seeds"][str(s)][metric] for s in bench.noise_seeds], ddof=1))}
+            for metric in metrics
+        }
+        for result in results
+    }  # fmt: skip
+    pooled = {metric: float(np.sqrt(np.mean([scene[metric]["std"] ** 2 for scene in per_scene.values()]))) for metric in metrics}
+    count = len(results)
     return {
-        "methods": summary,
-        "gain_over_3dgs": gains,
-        "train_view_psnr_3dgs": {"mean": float(np.mean(train_psnr)), "min": float(np.min(train_psnr))},
+        "seeds": list(bench.noise_seeds),
+        "per_scene": per_scene,
+        "seed_std": pooled,
+        "band_per_scene": {m: NOISE_SIGMAS * math.sqrt(2) * pooled[m] for m in metrics},
+        "band_mean": {m: NOISE_SIGMAS * math.sqrt(2 / count) * pooled[m] for m in metrics},
+        "rule": f"within noise: |difference| < {NOISE_SIGMAS:g} x the standard deviation of a difference between two "
+        "plain 3DGS runs that differ only in training seed (sqrt(2) x seed_std per scene, sqrt(2/M) x seed_std for the mean over M scenes)",
+    }
+
+
+def paired_differences(results: list[dict], metrics: list[str], noise: dict) -> dict:
+    differences = {}
+    for method, baseline in PAIRS:
+        entry = {}
+        for metric in metrics:
+            per_scene = {r["scene"]: r["mean"][method][metric] - r["mean"][baseline][metric] for r in results}
+            mean = float(np.mean(list(per_scene.values())))
+            entry[metric] = {
+                **spread(list(per_scene.values())),
+                "per_scene": per_scene,
+                "noise_band": noise["band_mean"][metric],
+                "within_noise": abs(mean) < noise["band_mean"][metric],
+                "per_scene_within_noise": {s: abs(d) < noise["band_per_scene"][metric] for s, d in per_scene.items()},
+            }
+        differences[f"{method} - {baseline}"] = entry
+    return differences
+
+
+def summarise(bench: BenchQuality, results: list[dict], scorer: Scorer) -> dict:
+    metrics = list(results[0]["mean"]["3dgs"])
+    methods = {method: {metric: spread([r["mean"][method][metric] for r in results]) for metric in metrics} for method in METHODS}
+    for method in METHODS:  # the layout stays the same whether LPIPS could be computed or not
+        methods[method].setdefault("lpips", None)
+    noise = noise_floor(bench, results, metrics)
+    train_3dgs = [r["train_views"]["3dgs"]["psnr"] for r in results]
+    cost = [r["train_views"]["3dgs"]["psnr"] - r["train_views"]["difix_on_3dgs"]["psnr"] for r in results]
+    return {
+        "methods": methods,
+        "metrics": metrics,
+        "paired_runs_identical_before_first_round": all(r["pairing"]["identical"] for r in results),
+        "lpips": {"available": "lpips" in metrics, "reason": scorer.lpips_unavailable},
+        "noise_floor": noise,
+        "paired_differences": paired_differences(results, metrics, noise),
+        "train_view_psnr_3dgs": {"mean": float(np.mean(train_3dgs)), "min": float(np.min(train_3dgs))},
+        "difix_on_training_views": {
+            "3dgs": {m: spread([r["train_views"]["3dgs"][m] for r in results]) for m in metrics},
+            "difix": {m: spread([r["train_views"]["difix_on_3dgs"][m] for r in results]) for m in metrics},
+            "psnr_cost": spread(cost),
+        },
     }
 
 
 def targets(summary: dict) -> dict:
-    gains = summary["gain_over_3dgs"]
+    """Issue 11's targets (mean over scenes); None where a metric is unavailable."""
+    differences = summary["paired_differences"]
+    lpips = summary["methods"]["3dgs"]["lpips"]
     return {
-        "difix3d+_psnr_gain>=1.0": gains["difix3d+"]["psnr"]["mean"] >= 1.0,
-        "difix3d_psnr_gain>=0.5": gains["difix3d"]["psnr"]["mean"] >= 0.5,
-        "difix3d+_ssim_not_worse": gains["difix3d+"]["ssim"]["mean"] >= 0,
-        "difix3d_ssim_not_worse": gains["difix3d"]["ssim"]["mean"] >= 0,
+        "difix3d+_psnr_gain>=1.0": differences["difix3d+ - 3dgs"]["psnr"]["mean"] >= 1.0,
+        "difix3d_psnr_gain>=0.5": differences["difix3d - 3dgs"]["psnr"]["mean"] >= 0.5,
+        "difix3d+_ssim_not_worse": differences["difix3d+ - 3dgs"]["ssim"]["mean"] >= 0,
+        "difix3d_ssim_not_worse": differences["difix3d - 3dgs"]["ssim"]["mean"] >= 0,
+        "difix3d+_lpips<=0.85x3dgs": None if lpips is None else summary["methods"]["difix3d+"]["lpips"]["mean"] <= 0.85 * lpips["mean"],
+        "difix_on_training_views_cost<=0.3dB": summary["difix_on_training_views"]["psnr_cost"]["mean"] <= 0.3,
         "train_view_psnr_3dgs>=25": summary["train_view_psnr_3dgs"]["min"] >= 25,
     }
 
 
-def markdown(bench: BenchQuality, results: list[dict], summary: dict, training: dict, command: str) -> str:
-    metrics = list(summary["methods"]["3dgs"])
+# ---------------------------------------------------------------------------------- report
+
+
+def fmt(value: float, metric: str, signed: bool = False) -> str:
+    digits = 2 if metric == "psnr" else 3
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def difference_cell(entry: dict, metric: str) -> str:
+    mark = " (within noise)" if entry["within_noise"] else ""
+    return f"{fmt(entry['mean'], metric, True)} ± {fmt(entry['std'], metric)}{mark}"
+
+
+def markdown(bench: BenchQuality, report: dict, results: list[dict]) -> str:
+    summary = report["summary"]
+    metrics, noise, differences = summary["metrics"], summary["noise_floor"], summary["paired_differences"]
+    all_metrics = ("psnr", "ssim", "lpips")
+    code = report["code"]
     lines = [
         "# Quality benchmark (held-out extreme views of unseen procedural scenes)",
         "",
-        f"Command: `{command}`",
+        f"Code: `{describe_code(code['current'])}`"
+        + ("" if len(code["stages"]) == 1 else f"; stages from {len(code['stages'])} code versions (--allow-mixed-code): "
+           + ", ".join(f"`{describe_code(v)}` ({len(v['stages'])} stages)" for v in code["stages"])),
         "",
-        f"{len(results)} evaluation scenes (seeds {', '.join(map(str, bench.eval_seeds))}), "
-        f"{bench.width}x{bench.height}, {bench.steps} 3DGS steps per run; Difix3D fix rounds from step "
-        f"{bench.fix_start} every {bench.steps_per_fix} (pose step {bench.pose_step}). Difix: `tiny`, trained "
-        f"{training['steps']} steps on pairs curated from {len(bench.train_seeds)} other scenes (seeds "
-        f"{', '.join(map(str, bench.train_seeds))}). Plain 3DGS on its own training views: "
+        f"Command: `{report['command']}`",
+        "",
+        f"Difix: {report['difix']['description']} (id `{report['difix']['id']}`).",
+        "",
+        f"{len(results)} evaluation scenes (seeds {', '.join(map(str, bench.eval_seeds))}), {bench.width}x{bench.height}, "
+        f"{bench.steps} 3DGS steps per run. Plain 3DGS and Difix3D train with the same seed and are the same run up to "
+        f"Difix3D's first fix round at step {bench.fix_start} ("
+        + ("checked bit for bit in every scene" if summary["paired_runs_identical_before_first_round"] else "**NOT identical in every scene: see quality.json**")
+        + f"; then a round every {bench.steps_per_fix} steps, pose step {bench.pose_step}). Difix3D+ is Difix on that Difix3D render; Difix on "
+        f"3DGS renders is Difix on the plain render. Noise floor: plain 3DGS with training seeds "
+        f"{', '.join(map(str, bench.noise_seeds))}. Plain 3DGS on its own training views: "
         f"{summary['train_view_psnr_3dgs']['mean']:.2f} dB (min {summary['train_view_psnr_3dgs']['min']:.2f}).",
         "",
-        "Mean ± standard deviation over scenes (each scene: mean over its held-out views):",
+        "## Results",
         "",
-        "| method | " + " | ".join(m.upper() for m in metrics) + " | ΔPSNR vs 3DGS |",
-        "|---|" + "---|" * (len(metrics) + 1),
+        "Mean ± standard deviation over scenes (each scene: mean over its held-out views); Δ: paired difference to "
+        "plain 3DGS (the same run up to the first fix round), mean ± std over scenes, \"within noise\" when a change of "
+        f"training seed alone gives differences that large (band ±{fmt(noise['band_mean']['psnr'], 'psnr')} dB PSNR).",
+        "",
+        "| method | PSNR | SSIM | LPIPS | ΔPSNR | ΔSSIM | ΔLPIPS |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method in METHODS:
-        cells = [f"{summary['methods'][method][m]['mean']:.4f} ± {summary['methods'][method][m]['std']:.4f}" for m in metrics]
-        gain = summary["gain_over_3dgs"].get(method, {}).get("psnr")
-        gain_cell = "" if gain is None else f"{gain['mean']:+.2f} ± {gain['std']:.2f}"
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {gain_cell} |")
-    lines += ["", "Per scene (PSNR / SSIM):", "", "| scene | " + " | ".join(LABELS[m] for m in METHODS) + " | 3DGS train-view PSNR |"]
-    lines.append("|---|" + "---|" * (len(METHODS) + 1))
+        cells = []
+        for metric in all_metrics:
+            value = summary["methods"][method].get(metric)
+            cells.append("n/a" if value is None else f"{fmt(value['mean'], metric)} ± {fmt(value['std'], metric)}")
+        for metric in all_metrics:
+            if metric not in metrics:
+                cells.append("n/a")
+            elif method == "3dgs":
+                cells.append(f"seed std {fmt(noise['seed_std'][metric], metric)}")
+            else:
+                cells.append(difference_cell(differences[f"{method} - 3dgs"][metric], metric))
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    lines += ["", f"Difix3D+ − Difix3D (the post-render pass alone): "
+              + ", ".join(f"{metric.upper()} {difference_cell(differences['difix3d+ - difix3d'][metric], metric)}" for metric in metrics)]
+    if not summary["lpips"]["available"]:
+        lines += ["", f"LPIPS: n/a — {summary['lpips']['reason']}."]
+
+    lines += ["", "## Noise floor and paired differences per scene", "",
+              f"Plain 3DGS PSNR per training seed and its seed-to-seed standard deviation; paired ΔPSNR per scene "
+              f"(* = within noise: |Δ| < {fmt(noise['band_per_scene']['psnr'], 'psnr')} dB). Pooled seed std: "
+              + ", ".join(f"{m.upper()} {fmt(noise['seed_std'][m], m)}" for m in metrics) + ".", ""]
+    pair_names = [f"{m} - {b}" for m, b in PAIRS]
+    header = ["scene", *(f"3DGS seed {s}" for s in bench.noise_seeds), "seed std", *(name.replace(" - ", " − ") for name in pair_names)]
+    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for result in results:
-        cells = [f"{result['mean'][m]['psnr']:.2f} / {result['mean'][m]['ssim']:.4f}" for m in METHODS]
-        lines.append(f"| {result['scene']} | " + " | ".join(cells) + f" | {result['train_view_psnr_3dgs']:.2f} |")
-    lines += ["", "Targets (mean over scenes):", ""]
-    lines += [f"- {name}: {'met' if ok else 'MISSED'}" for name, ok in targets(summary).items()]
-    if "lpips" not in metrics:
-        lines += ["", "LPIPS: unavailable (no AlexNet ImageNet weights on this machine)."]
+        scene_noise = noise["per_scene"][result["scene"]]["psnr"]
+        cells = [f"{value:.2f}" for value in scene_noise["values"]] + [f"{scene_noise['std']:.2f}"]
+        for name in pair_names:
+            entry = differences[name]["psnr"]
+            star = "*" if entry["per_scene_within_noise"][result["scene"]] else ""
+            cells.append(f"{entry['per_scene'][result['scene']]:+.2f}{star}")
+        lines.append(f"| {result['scene']} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Per scene (" + " / ".join(m.upper() for m in metrics) + ")", "",
+              "| scene | " + " | ".join(LABELS[m] for m in METHODS) + " | 3DGS train-view PSNR |",
+              "|---|" + "---|" * (len(METHODS) + 1)]
+    for result in results:
+        cells = [" / ".join(fmt(result["mean"][m][metric], metric) for metric in metrics) for m in METHODS]
+        lines.append(f"| {result['scene']} | " + " | ".join(cells) + f" | {result['train_views']['3dgs']['psnr']:.2f} |")
+
+    train = summary["difix_on_training_views"]
+    lines += ["", "## Difix on clean training-view renders", "",
+              "Plain 3DGS renders of its own training views, and Difix on them (referenced by the nearest other "
+              "training view): what Difix costs where there is nothing to fix.", "",
+              "| | " + " | ".join(m.upper() for m in metrics) + " |", "|---|" + "---|" * len(metrics),
+              "| 3DGS render | " + " | ".join(f"{fmt(train['3dgs'][m]['mean'], m)} ± {fmt(train['3dgs'][m]['std'], m)}" for m in metrics) + " |",
+              "| Difix on it | " + " | ".join(f"{fmt(train['difix'][m]['mean'], m)} ± {fmt(train['difix'][m]['std'], m)}" for m in metrics) + " |",
+              "", f"PSNR cost: {train['psnr_cost']['mean']:+.2f} ± {train['psnr_cost']['std']:.2f} dB."]
+
+    lines += ["", "## Targets (mean over scenes)", ""]
+    lines += [f"- {name}: {'n/a' if ok is None else 'met' if ok else 'MISSED'}" for name, ok in report["targets"].items()]
+    timing = report["timing"]
+    lines += ["", "## Time", "",
+              "Wall / CPU minutes per kind of stage (CPU time does not grow when other jobs share the cores): "
+              + ", ".join(f"{kind} {t['seconds'] / 60:.1f} / {t['cpu_seconds'] / 60:.1f}" for kind, t in timing["stages_by_kind"].items())
+              + f"; evaluation in all {timing['evaluation_seconds'] / 60:.1f} / {timing['evaluation_cpu_seconds'] / 60:.1f} min "
+              f"({report['torch_threads']} torch thread)."]
     return "\n".join(lines) + "\n"
 
 
 def grid_image(bench: BenchQuality, results: list[dict], scenes: dict[str, Path]) -> np.ndarray:
-    """Rows: held-out views; columns: GT | 3DGS | Difix3D | Difix3D+."""
-    columns = ("3dgs", "difix3d", "difix3d+")
+    """Rows: held-out views; columns GT | 3DGS | Difix3D | Difix3D+ | Difix on 3DGS, labelled on top."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    columns = ("gt", *METHODS)
     rows = []
     for result in results:
         scene = scenes[result["scene"]]
         for view in sorted(result["per_view"]["3dgs"])[: bench.grid_views]:
             tiles = [iio.imread(scene / "images" / view)[..., :3]]
-            tiles += [iio.imread(Path(result["paths"][method]) / view)[..., :3] for method in columns]
+            tiles += [iio.imread(Path(result["paths"][method]) / view)[..., :3] for method in METHODS]
             rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], axis=1))
-    return np.concatenate(rows, axis=0)
+    grid = np.concatenate(rows, axis=0)
+    tile_width = grid.shape[1] // len(columns)
+    font_size = max(8, min(14, tile_width // 9))
+    header = font_size + 8
+    canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + header), "white")
+    canvas.paste(Image.fromarray(grid), (0, header))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=font_size)
+    for index, column in enumerate(columns):
+        draw.text((index * tile_width + tile_width / 2, header / 2), SHORT_LABELS[column], fill="black", font=font, anchor="mm")
+    return np.asarray(canvas)
 
 
 def rounds_plot(results: list[dict], path: Path) -> None:
@@ -502,7 +982,7 @@ def rounds_plot(results: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def ship(bench: BenchQuality, difix_folder: Path, training: dict, summary: dict, command: str) -> None:
+def ship(bench: BenchQuality, difix_folder: Path, training: dict, report: dict) -> None:
     """Copy the trained Difix (config + safetensors) to `bench.ship` with a model card."""
     from difix3d.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
@@ -511,7 +991,7 @@ def ship(bench: BenchQuality, difix_folder: Path, training: dict, summary: dict,
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         shutil.copyfile(difix_folder / name, destination / name)
     card = (difix_folder / "README.md").read_text()
-    gains = summary["gain_over_3dgs"]
+    differences = report["summary"]["paired_differences"]
     table = (bench.results / "quality.md").read_text()
     destination.joinpath("README.md").write_text(
         "# difix-tiny-procedural: a small Difix trained on procedural scenes, on the CPU\n\n"
@@ -519,75 +999,117 @@ def ship(bench: BenchQuality, difix_folder: Path, training: dict, summary: dict,
         "`scripts/bench_quality.py` on (degraded render, clean target, reference) pairs that "
         f"`difix3d curate` made from {len(bench.train_seeds)} procedural scenes (strategies: "
         f"{', '.join(bench.curate_strategies)}; {bench.curate_steps}-step reconstructions at "
-        f"{bench.width}x{bench.height}). It knows only those procedural rooms: it is the embedded "
-        "default so that the CPU demo runs a trained Difix, not a model for photographs — name "
-        "`nvidia/difix_ref` for that. Its outputs are smoother than the renders: PSNR rises, SSIM "
-        "falls (see the benchmark below). Load it with `load_difix(difix3d.checkpoint.EMBEDDED_DIFIX)`; "
-        "`difix3d fix` and `make demo` use it when no model is named.\n\n"
+        f"{bench.width}x{bench.height}). It knows only those procedural rooms: name `nvidia/difix_ref` "
+        "for photographs. Load it with `load_difix(<this folder>)`.\n\n"
         f"- **Autoencoder pretraining** (stands in for SD-Turbo's pretrained VAE): encoder, decoder and "
         f"skip convs, {bench.autoencoder_steps} steps, batch 4, L2, AdamW lr {bench.autoencoder_lr:g}, on "
         "every image of the dataset; then the encoder is frozen as in Difix.\n"
         f"- **Difix training**: {training['steps']} steps, batch 1, random {bench.difix_crop}px crops, AdamW lr "
-        f"{bench.difix_lr:g}; loss L2 only (λ_LPIPS {bench.lambda_lpips:g}, λ_Gram {bench.lambda_gram:g}: no "
-        "ImageNet VGG-16 weights offline, and random-feature LPIPS/Gram are not perceptual); pairs: "
+        f"{bench.difix_lr:g}; λ_LPIPS {bench.lambda_lpips:g}, λ_Gram {bench.lambda_gram:g}; pairs: "
         f"{training['dataset_pairs']}; {training['seconds_this_session']:.0f} s on a shared 2-core CPU.\n"
-        f"- **Held-out scenes** ({len(bench.eval_seeds)}, seeds {', '.join(map(str, bench.eval_seeds))}): "
-        f"Difix3D {gains['difix3d']['psnr']['mean']:+.2f} dB, Difix3D+ {gains['difix3d+']['psnr']['mean']:+.2f} dB, "
-        f"Difix on 3DGS renders {gains['difix_on_3dgs']['psnr']['mean']:+.2f} dB PSNR over plain 3DGS.\n"
-        f"- **Command**: `{command}`\n\n"
+        f"- **Held-out scenes** ({len(bench.eval_seeds)}, seeds {', '.join(map(str, bench.eval_seeds))}), paired "
+        f"differences to plain 3DGS: Difix3D {differences['difix3d - 3dgs']['psnr']['mean']:+.2f} dB, Difix3D+ "
+        f"{differences['difix3d+ - 3dgs']['psnr']['mean']:+.2f} dB, Difix on 3DGS renders "
+        f"{differences['difix_on_3dgs - 3dgs']['psnr']['mean']:+.2f} dB PSNR.\n"
+        f"- **Command**: `{report['command']}`\n\n"
         "## Benchmark\n\n" + table.split("\n", 2)[2] + "\n## Training record (written by `difix3d train`)\n\n"
         + card[card.index("- **Started from**") :]
     )
     log(f"shipped the trained Difix to {destination}")
 
 
-def check_work_settings(bench: BenchQuality) -> None:
-    """Stages are reused by their files alone, so one work folder must keep one set of settings."""
-    settings = {k: v for k, v in dataclasses.asdict(bench).items() if k not in ("work", "results", "threads", "ship")}
-    settings = json.loads(json.dumps(settings, default=str))
-    path = bench.work / "settings.json"
-    if path.is_file() and json.loads(path.read_text()) != settings:
-        raise SystemExit(f"{bench.work} holds a run with other settings ({path}); delete it or choose another --work")
-    write_json(path, settings)
+def stage_kind(name: str) -> str:
+    parts = name.split("/")
+    if parts[0] == "eval":
+        return "3dgs" if parts[2].startswith("plain") else parts[-1]
+    return parts[0]
 
 
 def main(bench: BenchQuality) -> dict:
     bench = bench.resolved()
-    check_work_settings(bench)
-    if bench.threads:
-        torch.set_num_threads(bench.threads)
+    bench.check()
+    from difix3d.runtime import configure_cpu_runtime
+
+    configure_cpu_runtime(bench.threads)
     command = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
-    train_scenes, eval_scenes = build_scenes(bench)
-    dataset = curate_pairs(bench, train_scenes)
-    difix_folder, training = train_difix(bench, dataset)
+    code = code_version()
+    log(f"code: {describe_code(code)}")
+    book = StageBook(bench.work, code, bench.allow_mixed_code)
 
-    from difix3d.checkpoint import load_difix
+    training = None
+    if bench.difix is None:
+        train_scenes = build_scenes(bench, book, "train", bench.train_seeds)
+        dataset, dataset_record = curate_pairs(bench, book, train_scenes)
+        difix_folder, training = train_difix(bench, book, dataset, dataset_record)
+        difix_spec = str(difix_folder.resolve())
+        description = f"`tiny`, trained here: {training['steps']} steps on pairs curated from scenes {', '.join(map(str, bench.train_seeds))}"
+    else:
+        difix_spec = resolve_difix_spec(bench.difix)
+        description = f"`{bench.difix}` (given; evaluated without training)"
+    difix_id = difix_identity(difix_spec)
+    log(f"Difix {difix_spec} (id {difix_id})")
 
-    difix = load_difix(difix_folder)
+    difix_lock = threading.Lock()
+
+    @functools.cache
+    def load():
+        from difix3d.checkpoint import load_difix
+
+        return load_difix(difix_spec)
+
+    def get_difix():
+        with difix_lock:  # scenes may run in threads (--jobs): load once
+            return load()
+
+    eval_scenes = build_scenes(bench, book, "eval", bench.eval_seeds)
+    with ThreadPoolExecutor(max_workers=max(bench.jobs, 1)) as pool:
+        futures = [pool.submit(evaluate_scene, bench, book, scene, record, difix_spec, difix_id, get_difix) for scene, record in eval_scenes]
+        for _ in tqdm(as_completed(futures), total=len(futures), desc="evaluation scenes", unit="scene", disable=len(futures) < 2):
+            pass
+        all_runs = [future.result() for future in futures]
     scorer = Scorer()
-    results = [evaluate_scene(bench, scene, difix_folder, difix, scorer) for scene in eval_scenes]
-    summary = summarise(results)
+    results = [score_scene(bench, runs, scorer) for runs in all_runs]
+    summary = summarise(bench, results, scorer)
+    by_kind: dict[str, dict[str, float]] = {}
+    for name, record in book.records.items():
+        totals = by_kind.setdefault(stage_kind(name), {"seconds": 0.0, "cpu_seconds": 0.0})
+        totals["seconds"] += record["seconds"]
+        totals["cpu_seconds"] += record.get("cpu_seconds", 0.0)
+    evaluation = [r for name, r in book.records.items() if name.startswith(("eval/", "scenes/eval_"))]
     report = {
         "command": command,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(bench).items()},
+        "code": {"current": code, "stages": book.code_versions()},
+        "difix": {"spec": difix_spec if bench.difix is None else bench.difix, "id": difix_id, "description": description},
+        "settings": jsonable(dataclasses.asdict(bench)),
         "difix_training": training,
         "summary": summary,
         "targets": targets(summary),
         "scenes": [{k: v for k, v in r.items() if k != "paths"} for r in results],
-        "seconds_this_invocation": round(time.perf_counter() - started, 1),  # resumed stages cost nothing
+        "timing": {
+            "stages_by_kind": {kind: {k: round(v, 1) for k, v in totals.items()} for kind, totals in by_kind.items()},
+            "evaluation_seconds": round(sum(r["seconds"] for r in evaluation), 1),
+            "evaluation_cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) for r in evaluation), 1),
+            "stages_run_now": book.ran,
+            "seconds_this_invocation": round(time.perf_counter() - started, 1),
+        },
         "torch_threads": torch.get_num_threads(),
     }
     bench.results.mkdir(parents=True, exist_ok=True)
     write_json(bench.results / "quality.json", report)
-    (bench.results / "quality.md").write_text(markdown(bench, results, summary, training, command))
-    iio.imwrite(bench.results / "quality_grid.png", grid_image(bench, results, {s.name: s for s in eval_scenes}))
+    (bench.results / "quality.md").write_text(markdown(bench, report, results))
+    iio.imwrite(bench.results / "quality_grid.png", grid_image(bench, results, {s.name: s for s, _ in eval_scenes}))
     rounds_plot(results, bench.results / "quality_rounds.png")
     if bench.ship is not None:
-        ship(bench, difix_folder, training, summary, command)
-    print(json.dumps({"summary": summary, "targets": report["targets"]}, indent=1))
+        ship(bench, Path(difix_spec), training, report)
+    print(json.dumps({"code": code, "difix": report["difix"], "summary": {k: summary[k] for k in ("methods", "paired_differences", "difix_on_training_views")},
+                      "noise_floor_seed_std": summary["noise_floor"]["seed_std"], "targets": report["targets"]}, indent=1))  # fmt: skip
     return report
 
 
 if __name__ == "__main__":
-    main(tyro.cli(BenchQuality))
+    try:
+        main(tyro.cli(BenchQuality))
+    except Difix3DError as error:
+        print(f"bench_quality: {error}", file=sys.stderr)
+        sys.exit(2)

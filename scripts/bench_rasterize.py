@@ -22,6 +22,7 @@ import torch
 import tyro
 
 from difix3d.rasterize import rasterization, rasterization_torch
+from difix3d.runtime import configure_cpu_runtime
 
 
 @dataclasses.dataclass
@@ -161,8 +162,7 @@ def scaling_exponent(counts, seconds) -> float:
 
 
 def main(args: Args) -> None:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    configure_cpu_runtime(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a CUDA GPU")
     resolutions = [(160, 120)] if args.quick else [(160, 120), (320, 240)]

@@ -22,6 +22,7 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 
+from difix3d.model_ids import random_weights_name
 from difix3d.training import DifixTrainer, TrainConfig
 
 TARGET_GIB = 20.0
@@ -59,7 +60,7 @@ def main() -> None:
         config = TrainConfig(
             dataset=write_dataset(scratch, args.size, not args.no_reference),
             output=scratch / "out",
-            model=args.model,
+            model=random_weights_name(args.model),  # the benchmark measures random weights on purpose
             steps=args.steps,
             crop_size=args.size,
             gram_warmup_steps=0,  # every loss term on: the largest graph

@@ -36,7 +36,7 @@ class Demo:
     output: Path = Path("demo_output")
     """Where the scene, the run, the renders and the metrics go."""
     model: str = DEFAULT_DIFIX
-    """Difix to use (hub id, folder, release .pkl, or tiny)."""
+    """Difix to use (hub id, folder, release .pkl, or random-tiny-architecture)."""
     # The settings of benchmarks/quality.md, so the demo is one scene of that benchmark's protocol.
     steps: int = 1000
     """Training steps."""
@@ -89,9 +89,26 @@ def comparison_grid(demo: Demo, scene: Path) -> Path:
             renders / "difix3d" / "test" / "rgb_enhanced" / name,
         ]
         rows.append(np.concatenate([iio.imread(path)[..., :3] for path in columns], axis=1))
+    grid = np.concatenate(rows, axis=0)
     path = demo.output / "comparison.png"
-    iio.imwrite(path, np.concatenate(rows, axis=0))
+    iio.imwrite(path, np.concatenate([_column_labels(grid.shape[1], COMPARISON_COLUMNS), grid], axis=0))
     return path
+
+
+COMPARISON_COLUMNS = ("GT", "3DGS", "Difix3D", "Difix3D+")
+
+
+def _column_labels(width: int, labels: tuple[str, ...], height: int = 18) -> np.ndarray:
+    """A white band with `labels` centred over equal-width columns, as uint8 RGB [height, width, 3]."""
+    from PIL import Image, ImageDraw
+
+    band = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(band)
+    column = width / len(labels)
+    for index, label in enumerate(labels):
+        left, top, right, bottom = draw.textbbox((0, 0), label)
+        draw.text((index * column + (column - (right - left)) / 2, (height - (bottom - top)) / 2 - top), label, fill="black")
+    return np.asarray(band)
 
 
 def main(demo: Demo) -> None:
@@ -101,7 +118,7 @@ def main(demo: Demo) -> None:
         run([BIN / "difix3d", "scene", "--out", scene, "--seed", demo.seed, "--overwrite"])
     shutil.rmtree(demo.output / "runs", ignore_errors=True)
     notes = {
-        "tiny": " (random weights: plumbing only, no quality gain)",
+        "random-tiny-architecture": " (random weights: plumbing only, no quality gain)",
         EMBEDDED_DIFIX: " (embedded: tiny Difix trained on procedural scenes, see its README.md)",
     }
     print(f"Difix model: {demo.model}" + notes.get(demo.model, ""))
@@ -118,7 +135,7 @@ def main(demo: Demo) -> None:
     print(f"Difix:       {demo.model}")
     print(f"fix rounds:  {len(manifest['rounds'])}, pseudo views: {sum(len(r['views']) for r in manifest['rounds'])}")
     print(f"renders:     {demo.output / 'renders'}/{{plain,difix3d}}/test/")
-    print(f"comparison:  {comparison_grid(demo, scene)} (GT | 3DGS | Difix3D | Difix3D+ per held-out view)")
+    print(f"comparison:  {comparison_grid(demo, scene)} ({' | '.join(COMPARISON_COLUMNS)}, one row per held-out view)")
     rows = [("3DGS", plain, ""), ("Difix3D", fixed, ""), ("Difix3D+", fixed, "_enhanced")]
     print(f"{'method':10s} {'PSNR':>7s} {'SSIM':>7s} {'LPIPS':>7s}   (LPIPS: AlexNet, lower is better)")
     for label, results, suffix in rows:
@@ -131,6 +148,12 @@ def main(demo: Demo) -> None:
         print("The embedded Difix is a 1.1M-parameter model trained on procedural scenes, one scene is one sample:"
               " benchmarks/quality.md has its effect over 4 held-out scenes. Use --model nvidia/difix_ref on a GPU.")
     print(f"took {time.time() - started:.0f} s")
+    config = demo.output / "runs" / "difix3d" / "difix3d-gs" / "run" / "config.yml"
+    print(f"\nThe Difix3D run: {config}. Next:")
+    print(f"  ns-render dataset --load-config {config} --split test --rendered-output-names rgb rgb_enhanced --output-path renders")
+    print(f"  ns-viewer --load-config {config}   # look around in the browser")
+    print(f"  ns-train difix3d-gs --data {scene} --machine.device-type cpu --pipeline.difix.model {demo.model}"
+          "   # your scene and Difix (nvidia/difix_ref on a GPU)")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ holding a share of the Gaussians and training on its own views (`rasterization(d
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,19 +32,18 @@ import torch
 import tqdm
 import tyro
 from gsplat.strategy import DefaultStrategy
-from scipy.spatial import cKDTree
 
 from difix3d.core import Difix3DUpdate, Enhancer, EnhancerConfig
 from difix3d.devices import DtypeName, resolve_device, resolve_dtype
 from difix3d.errors import Difix3DError
+from difix3d.gaussians import params_from_points, render_splats, splat_optimizers
 from difix3d.metrics import LPIPSMetric, psnr, ssim
 from difix3d.model_ids import DEFAULT_BASE
 from difix3d.poses import to_homogeneous
 from difix3d.progressive import ProgressiveConfig, select_targets
-from difix3d.rasterize import rasterization
+from difix3d.runtime import configure_cpu_runtime
 from difix3d.sfm import camera_to_world
 
-SH_C0 = 0.28209479177387814  # degree-0 spherical-harmonics constant: colour = SH_C0 * sh0 + 0.5
 
 
 @dataclass
@@ -86,7 +84,7 @@ class Config:
 
     # Difix3D
     difix: str = "nvidia/difix_ref"
-    """A hub id, a folder written by `difix3d`, a reference-release `.pkl`, or `tiny` (random, tests only)."""
+    """A hub id, a folder written by `difix3d`, a reference-release `.pkl`, or `random-tiny-architecture` (random, tests only)."""
     base: str = DEFAULT_BASE
     """The SD-Turbo a reference-release `.pkl` is applied on."""
     difix_dtype: DtypeName = "auto"
@@ -203,32 +201,12 @@ class Runner:
             colors = torch.rand(len(points), 3)
         # Each process holds a share of the Gaussians in multi-GPU mode.
         points, colors = points[self.world_rank :: self.world_size], colors[self.world_rank :: self.world_size]
-        distances, _ = cKDTree(points.numpy()).query(points.numpy(), k=4)
-        mean_distance = torch.from_numpy(np.sqrt((distances[:, 1:] ** 2).mean(-1))).float().clamp_min(1e-7)
-        count = len(points)
-        sh = torch.zeros(count, (self.config.sh_degree + 1) ** 2, 3)
-        sh[:, 0] = (colors - 0.5) / SH_C0
-        params = {
-            "means": points.float(),
-            "scales": torch.log(mean_distance * self.config.init_scale)[:, None].repeat(1, 3),
-            "quats": torch.rand(count, 4),
-            "opacities": torch.logit(torch.full((count,), self.config.init_opacity)),
-            "sh0": sh[:, :1],
-            "shN": sh[:, 1:],
-        }
-        return torch.nn.ParameterDict({name: torch.nn.Parameter(value) for name, value in params.items()}).to(self.device)
+        config = self.config
+        return params_from_points(points, colors, config.sh_degree, config.init_opacity, config.init_scale).to(self.device)
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        rates = {"means": 1.6e-4 * self.scene_scale, "scales": 5e-3, "quats": 1e-3, "opacities": 5e-2, "sh0": 2.5e-3, "shN": 2.5e-3 / 20}
-        batch = self.world_size  # one image per process and step: gsplat's learning-rate scaling
-        return {
-            name: torch.optim.Adam(
-                [{"params": self.splats[name], "lr": rate * math.sqrt(batch), "name": name}],
-                eps=1e-15 / math.sqrt(batch),
-                betas=(1 - batch * (1 - 0.9), 1 - batch * (1 - 0.999)),
-            )
-            for name, rate in rates.items()
-        }
+        # One image per process and step: gsplat's learning-rate scaling for the batch of all processes.
+        return splat_optimizers(self.splats, self.scene_scale, batch_size=self.world_size)
 
     def _make_schedulers(self) -> list[torch.optim.lr_scheduler.LRScheduler]:
         # The means' learning rate decays to 1% over the run, as in gsplat's trainer.
@@ -262,22 +240,11 @@ class Runner:
 
     def rasterize(self, camtoworlds: torch.Tensor, Ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """RGB [C, H, W, 3] (not clamped), alpha [C, H, W, 1] and gsplat's info, at the training image size."""
-        splats = self.splats
-        return rasterization(
-            means=splats["means"],
-            quats=splats["quats"],
-            scales=torch.exp(splats["scales"]),
-            opacities=torch.sigmoid(splats["opacities"]),
-            colors=torch.cat([splats["sh0"], splats["shN"]], dim=1),
-            viewmats=torch.linalg.inv(camtoworlds),
-            Ks=Ks,
-            width=int(self.width),
-            height=int(self.height),
+        return render_splats(
+            self.splats, camtoworlds, Ks, int(self.width), int(self.height),
             sh_degree=min(self.step // self.config.sh_degree_interval, self.config.sh_degree),
-            packed=self.config.packed,
-            absgrad=self.strategy.absgrad,
-            distributed=self.world_size > 1,
-        )
+            packed=self.config.packed, absgrad=self.strategy.absgrad, distributed=self.world_size > 1,
+        )  # fmt: skip
 
     @torch.no_grad()
     def render_poses(self, poses: torch.Tensor, intrinsics_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,8 +444,8 @@ def main() -> None:
 
             cli(_distributed_worker, config, verbose=True)
             return
-        if resolve_device(config.device).type == "cpu" and config.cpu_threads > 0:
-            torch.set_num_threads(config.cpu_threads)
+        if resolve_device(config.device).type == "cpu":
+            configure_cpu_runtime(config.cpu_threads)
         train(config)
     except Difix3DError as error:
         raise SystemExit(f"error: {error}") from None

@@ -27,7 +27,7 @@ import tyro
 from tqdm.auto import tqdm
 
 TRAIN_SEED_START = 3000
-"""Training scenes use seeds TRAIN_SEED_START, TRAIN_SEED_START + 1, ...; benchmark seeds lie below."""
+"""Training scenes use seeds TRAIN_SEED_START, TRAIN_SEED_START + 1, ... (never `difix3d.seeds`' evaluation seeds)."""
 AUTOENCODER_HELD_OUT_SCENES = 4
 TEST_FRACTION = 0.05
 
@@ -73,9 +73,12 @@ def record(settings: Settings, stage: str, values: dict) -> None:
 
 def scene_dirs(settings: Settings) -> list[Path]:
     from difix3d.curation import parse_shard
+    from difix3d.seeds import is_evaluation_seed
 
     index, count = parse_shard(settings.shard)
     seeds = range(TRAIN_SEED_START, TRAIN_SEED_START + settings.num_scenes)
+    if any(is_evaluation_seed(seed) for seed in seeds):
+        raise SystemExit(f"training seeds {seeds.start}-{seeds.stop - 1} overlap the benchmark's evaluation seeds")
     return [settings.work / "scenes" / f"train_{seed}" for seed in seeds][index::count]
 
 
@@ -166,7 +169,9 @@ def _shard_suffix(settings: Settings) -> str:
 
 
 def main(settings: Settings) -> None:
-    torch.set_num_threads(1)  # an entry point: one thread is fastest on a shared 2-core machine
+    from difix3d.runtime import configure_cpu_runtime
+
+    configure_cpu_runtime(1)  # one thread is fastest on a shared 2-core machine
     if "scenes" in settings.stages:
         build_scenes(settings)
     if "pairs" in settings.stages:

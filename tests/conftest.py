@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from difix3d.runtime import configure_cpu_runtime
+
+configure_cpu_runtime(1)  # the test run is an entry point; tests that change threads restore them
+
 
 @pytest.fixture(scope="session")
 def tiny_scene(tmp_path_factory) -> Path:

@@ -1,9 +1,11 @@
-"""Smoke test of scripts/bench_quality.py: the whole chain at toy size (its numbers mean nothing)."""
+"""scripts/bench_quality.py at toy size (its numbers mean nothing): every report, resuming, the
+evaluate-only mode, repeatable stages, and refusing stages made by other code."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,30 +17,75 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_quality.py"
 METHODS = ("3dgs", "difix3d", "difix3d+", "difix_on_3dgs")
 
 
-@pytest.mark.slow
-def test_quick_run_writes_every_report_and_resumes(tmp_path: Path):
-    results, work = tmp_path / "results", tmp_path / "work"
-    command = [sys.executable, str(SCRIPT), "--quick", "--work", str(work), "--results", str(results), "--ship", str(tmp_path / "shipped")]
+def bench(*arguments, work: Path, results: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(SCRIPT), "--quick", "--work", str(work), "--results", str(results), *map(str, arguments)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(command, env=env, capture_output=True, text=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True)
+
+
+def scores(results: Path) -> dict:
+    report = json.loads((results / "quality.json").read_text())
+    return {"methods": report["summary"]["methods"], "scenes": [(s["per_view"], s["plain_seeds"], s["train_views"]) for s in report["scenes"]]}
+
+
+@pytest.mark.slow
+def test_quick_benchmark_reports_resumes_repeats_and_refuses_other_code(tmp_path: Path):
+    work, results = tmp_path / "work", tmp_path / "results"
+    first = bench("--ship", tmp_path / "shipped", work=work, results=results)
     assert first.returncode == 0, first.stderr[-3000:]
 
     report = json.loads((results / "quality.json").read_text())
-    assert set(report["summary"]["methods"]) == set(METHODS)
+    summary = report["summary"]
+    assert set(summary["methods"]) == set(METHODS)
+    assert {"mean", "std"} <= set(summary["methods"]["difix3d+"]["psnr"])
+    assert "lpips" in summary["methods"]["3dgs"]  # a {mean, std} or None with the reason below
+    assert summary["lpips"]["available"] == (summary["methods"]["3dgs"]["lpips"] is not None)
+    assert summary["lpips"]["available"] or "AlexNet" in summary["lpips"]["reason"]
+    assert report["code"]["current"]["commit"] and len(report["code"]["stages"]) == 1
+    assert set(summary["paired_differences"]) == {"difix3d - 3dgs", "difix3d+ - 3dgs", "difix_on_3dgs - 3dgs", "difix3d+ - difix3d"}
+    assert "within_noise" in summary["paired_differences"]["difix3d - 3dgs"]["psnr"]
+    assert summary["noise_floor"]["seeds"] == [0, 1] and summary["noise_floor"]["seed_std"]["psnr"] > 0
+    assert "psnr_cost" in summary["difix_on_training_views"]
     scene = report["scenes"][0]
     assert set(scene["per_view"]) == set(METHODS) and len(scene["per_view"]["3dgs"]) == 8
-    assert 0 < scene["train_view_psnr_3dgs"] < 100
-    assert [r["step"] for r in scene["rounds"]] == [20, 40]
-    assert "| Difix3D+ |" in (results / "quality.md").read_text()
-    assert iio.imread(results / "quality_grid.png").shape[1] == 4 * (80 + 4)  # GT | 3DGS | Difix3D | Difix3D+
+    # Difix3D is the plain seed-0 run up to its first fix round, and only up to it.
+    assert summary["paired_runs_identical_before_first_round"] and [r["step"] for r in scene["rounds"]] == [20, 40]
+    assert scene["per_view"]["difix3d"] != scene["per_view"]["3dgs"]
+    markdown = (results / "quality.md").read_text()
+    assert report["code"]["current"]["commit"][:12] in markdown and "| Difix3D+ |" in markdown
+    assert iio.imread(results / "quality_grid.png").shape[1] == 5 * (80 + 4)  # GT | 3DGS | Difix3D | Difix3D+ | Difix on 3DGS
     assert (results / "quality_rounds.png").stat().st_size > 0
-
     from difix3d.checkpoint import load_difix
 
     load_difix(tmp_path / "shipped")  # the shipped folder loads
     assert "Benchmark" in (tmp_path / "shipped" / "README.md").read_text()
 
-    # Every stage is on disk now: a second run only rebuilds the report.
-    second = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "plain 3DGS" not in second.stderr and "pretraining" not in second.stderr
+    # Evaluate-only: another Difix in the same work folder reuses every plain 3DGS stage.
+    other = bench("--difix", "tiny", work=work, results=tmp_path / "results_tiny")
+    assert other.returncode == 0, other.stderr[-3000:]
+    ran = json.loads((tmp_path / "results_tiny" / "quality.json").read_text())["timing"]["stages_run_now"]
+    assert ran and all("/difix-tiny-" in name for name in ran), ran
+
+    # The same stages run again give the same numbers.
+    scene_dir = work / "eval" / "eval_1000"
+    shutil.rmtree(scene_dir / "plain_seed0")
+    for folder in scene_dir.glob("difix-difix-*"):
+        shutil.rmtree(folder)
+    again = bench(work=work, results=tmp_path / "results_again")
+    assert again.returncode == 0, again.stderr[-3000:]
+    ran = json.loads((tmp_path / "results_again" / "quality.json").read_text())["timing"]["stages_run_now"]
+    assert "eval/eval_1000/plain_seed0" in ran and any(name.endswith("/difix3d") for name in ran)
+    assert scores(tmp_path / "results_again") == scores(results)
+
+    # A stage from other code is refused, unless asked for.
+    record_path = scene_dir / "plain_seed1" / "stage.json"
+    record = json.loads(record_path.read_text())
+    record["code"] = {"commit": "0" * 40, "dirty": False, "code_hash": "another-code"}
+    record_path.write_text(json.dumps(record))
+    refused = bench(work=work, results=tmp_path / "results_mixed")
+    assert refused.returncode != 0 and "other code" in refused.stderr and "Traceback" not in refused.stderr
+    mixed = bench("--allow-mixed-code", work=work, results=tmp_path / "results_mixed")
+    assert mixed.returncode == 0, mixed.stderr[-3000:]
+    versions = json.loads((tmp_path / "results_mixed" / "quality.json").read_text())["code"]["stages"]
+    assert {version["commit"] for version in versions} == {"0" * 40, report["code"]["current"]["commit"]}
+    assert "000000000000" in (tmp_path / "results_mixed" / "quality.md").read_text()

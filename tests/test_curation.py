@@ -344,7 +344,7 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, small_scene, tmp_pa
     assert len(splits["train"]) == len(dataset["train"]) > 0
     result = train(
         TrainConfig(
-            dataset=dataset_path, output=tmp_path / "difix", model="tiny", perceptual_backbone="random",
+            dataset=dataset_path, output=tmp_path / "difix", model="random-tiny-architecture", perceptual_backbone="random",
             steps=2, crop_size=64, eval_every=0, checkpoint_every=2,
         )
     )  # fmt: skip

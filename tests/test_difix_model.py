@@ -347,7 +347,7 @@ def test_offline_hub_id_gives_one_clear_error(monkeypatch, tmp_path) -> None:
     with pytest.raises(Difix3DError) as error:
         load_difix("nvidia/difix_ref")
     message = str(error.value)
-    assert "nvidia/difix_ref" in message and "HF_HUB_OFFLINE" in message and "--model DIR" in message
+    assert "nvidia/difix_ref" in message and "HF_HUB_OFFLINE" in message and "give that folder as the model" in message
     assert "\n" not in message
     with pytest.raises(Difix3DError, match="no Difix model"):
         load_difix(str(tmp_path / "missing" / "model"))

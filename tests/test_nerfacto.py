@@ -41,7 +41,7 @@ def ns_train(scene: Path, output: Path, steps: int, *extra: str | Path) -> Path:
         "--pipeline.model.num-proposal-samples-per-ray", 32, 16, "--pipeline.model.num-nerf-samples-per-ray", 8,
         "--pipeline.model.num-levels", 8, "--pipeline.model.max-res", 256,
         "--pipeline.model.eval-num-rays-per-chunk", 4096,
-        "--pipeline.difix.model", "tiny",
+        "--pipeline.difix.model", "random-tiny-architecture",
         "--pipeline.progressive.fix-start", 20, "--pipeline.progressive.steps-per-fix", 10,
         "--pipeline.progressive.pose-step", 0.15,
         *extra,
@@ -98,7 +98,7 @@ def test_pseudo_view_ray_batch_in_process(tiny_scene: Path, tmp_path: Path):
     model = config.pipeline.model
     model.num_proposal_samples_per_ray, model.num_nerf_samples_per_ray = (16, 8), 8
     model.num_levels, model.max_res, model.eval_num_rays_per_chunk = 4, 64, 8192
-    config.pipeline.difix.model = "tiny"
+    config.pipeline.difix.model = "random-tiny-architecture"
     config.pipeline.progressive.fix_start, config.pipeline.progressive.pseudo_view_prob = 0, 1.0
     config.set_timestamp()
     trainer = config.setup(local_rank=0, world_size=1)

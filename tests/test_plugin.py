@@ -30,7 +30,7 @@ def ns_train(scene: Path, output: Path, steps: int, *extra: str | Path) -> Path:
         BIN / "ns-train", "difix3d-gs", "--data", scene, "--output-dir", output, "--experiment-name", "test",
         "--timestamp", "run", "--machine.device-type", "cpu", "--vis", "tensorboard",
         "--max-num-iterations", steps, "--steps-per-eval-image", 10_000, "--steps-per-eval-all-images", 10_000,
-        "--pipeline.difix.model", "tiny",
+        "--pipeline.difix.model", "random-tiny-architecture",
         "--pipeline.progressive.fix-start", 100, "--pipeline.progressive.steps-per-fix", 100,
         # nerfstudio scales scenes into [-1, 1]: a smaller step than the default 0.5 shows the creep.
         "--pipeline.progressive.pose-step", 0.15,
@@ -57,6 +57,29 @@ def test_checkpoints_with_numpy_scalars_load_with_weights_only():
 
 def test_ns_train_lists_the_method():
     assert "difix3d-gs" in run(BIN / "ns-train", "--help")
+
+
+def test_splatfacto_optimizers_are_nerfstudios_own_with_our_schedule():
+    from nerfstudio.configs.method_configs import method_configs
+
+    from nerfstudio_plugin.config import MAX_STEPS, difix3d_gs, difix3d_nerfacto
+
+    ours, upstream = difix3d_gs.config.optimizers, method_configs["splatfacto"].optimizers
+    assert ours.keys() == upstream.keys() and "bilateral_grid" in ours
+    for name, group in ours.items():
+        assert group["optimizer"] == upstream[name]["optimizer"], name
+        if group["scheduler"] is not None:
+            assert group["scheduler"].max_steps == MAX_STEPS, name
+    assert method_configs["splatfacto"].optimizers["means"]["scheduler"].max_steps == 30_000  # upstream untouched
+    assert difix3d_nerfacto.config.optimizers == method_configs["nerfacto"].optimizers
+
+
+@pytest.mark.slow
+def test_bilateral_grid_trains(tiny_scene: Path, tmp_path: Path):
+    run_dir = ns_train(tiny_scene, tmp_path / "outputs", 3, "--pipeline.model.use-bilateral-grid", "True")
+    (checkpoint,) = (run_dir / "nerfstudio_models").iterdir()
+    optimizers = torch.load(checkpoint, map_location="cpu", weights_only=False)["optimizers"]
+    assert optimizers["bilateral_grid"]["state"], "the bilateral grid was not optimised"
 
 
 @pytest.mark.slow

@@ -169,6 +169,19 @@ def test_shift_toward_snaps_within_one_step():
         shift_toward(current, far, 0.0)
 
 
+def test_shift_toward_jumps_the_last_translation_step_like_the_release():
+    current = make_pose(torch.eye(3), torch.zeros(3))
+    # 0.8 away, turned by 1 rad: one step of 0.5 would leave 0.3 <= 0.5, so the centre lands on the
+    # target's; the rotation still slerps by 0.5 / 0.8.
+    target = make_pose(axis_angle([0, 0, 1], 1.0), torch.tensor([0.8, 0, 0]))
+    moved, snapped = shift_toward(current, target, 0.5)
+    assert not snapped.item()
+    assert torch.allclose(moved[:, 3], target[:, 3])
+    assert rotation_angle(current, moved).item() == pytest.approx(0.5 / 0.8)
+    exact, _ = shift_toward(current, target, 0.5, jump=False)
+    assert torch.allclose(exact[:, 3], torch.tensor([0.5, 0, 0]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_repeated_shifts_reach_the_target_monotonically(dtype):
     current = random_poses(5, seed=5).to(dtype)

@@ -346,3 +346,14 @@ def test_choose_pseudo_view_is_seeded_and_follows_the_probability(tmp_path):
     assert set(draws(1, 50)) == {None}
     updater.config.pseudo_view_prob = 1.0
     assert None not in draws(1, 50)
+
+
+def test_pseudo_views_come_from_the_latest_round_unless_all_are_asked_for(tmp_path):
+    updater = make_updater(tmp_path, pseudo_view_prob=1.0)
+    run_round(updater, 100)
+    run_round(updater, 200, seed=1)
+    generator = torch.Generator().manual_seed(3)
+    latest = {updater.choose_pseudo_view(generator) for _ in range(200)}
+    assert latest == {3, 4, 5} and {updater.pseudo_views[i].round_index for i in latest} == {1}
+    updater.config.pseudo_view_rounds = "all"
+    assert {updater.choose_pseudo_view(generator) for _ in range(200)} == set(range(6))

@@ -196,10 +196,11 @@ def test_unregistered_images_are_named_and_nothing_is_replaced(tmp_path, monkeyp
     monkeypatch.setattr(scenes, "view_poses", poses_with_a_lost_view)
     out = tmp_path / "scene"
     out.mkdir()
-    (out / "keep.txt").write_text("previous scene")
+    previous = json.dumps({"generator": "difix3d.scenes", "seed": 5})  # a scene of ours: --overwrite may replace it
+    (out / "ground_truth.json").write_text(previous)
     with pytest.raises(Difix3DError, match=r"not registered: .*frame_eval_0000\.png"):
         build_scene(out, seed=0, num_train=6, num_eval=2, overwrite=True, log=_quiet)
-    assert _names(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "previous scene"
+    assert _names(out) == ["ground_truth.json"] and (out / "ground_truth.json").read_text() == previous
     assert _names(tmp_path) == ["scene"]  # no staging folder left behind
 
 
@@ -207,3 +208,48 @@ def test_render_refuses_a_camera_outside_the_room():
     scene = ProceduralScene.from_seed(0)
     with pytest.raises(Difix3DError, match="outside the room"):
         scene.render(look_at(np.array([9.0, 0.0, 1.0]), np.zeros(3)), Intrinsics.default(32, 24))
+
+
+def test_overwrite_never_touches_the_working_folder_or_home(tmp_path, monkeypatch, capsys):
+    """Issue 14 case 1: `difix3d scene --out . --overwrite` deleted the working folder's files."""
+    import os
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    difix3d = Path(sys.executable).parent / "difix3d"
+    result = subprocess.run([str(difix3d), "scene", "--out", ".", "--overwrite"], cwd=work, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "working folder" in result.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt", "sub"]
+
+    monkeypatch.chdir(work / "sub")
+    _assert_cli_error(capsys, ["scene", "--out", "..", "--overwrite"], "a parent of the working folder")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    _assert_cli_error(capsys, ["scene", "--out", os.path.expanduser("~"), "--overwrite"], "the home folder")
+    assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_only_a_scene_of_ours(tmp_path, capsys):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"jpeg")
+    _assert_cli_error(capsys, ["scene", "--out", str(foreign), "--overwrite"], "not a scene written by `difix3d scene`")
+    ours_plus = tmp_path / "scene"
+    ours_plus.mkdir()
+    (ours_plus / "ground_truth.json").write_text(json.dumps({"generator": "difix3d.scenes"}))
+    (ours_plus / "outputs").mkdir()
+    _assert_cli_error(capsys, ["scene", "--out", str(ours_plus), "--overwrite"], "did not write (outputs)")
+    assert (foreign / "holiday.jpg").exists() and (ours_plus / "outputs").is_dir()
+
+
+def test_scene_folder_has_the_usual_permissions(tiny_scene):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(tiny_scene.stat().st_mode) == 0o777 & ~umask

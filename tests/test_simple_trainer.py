@@ -17,7 +17,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 def trainer(scene: Path, result_dir: Path, steps: int, *extra: str) -> str:
     command = [
         sys.executable, SCRIPT, "--data-dir", scene, "--result-dir", result_dir, "--max-steps", steps,
-        "--difix", "tiny", "--progressive.fix-start", 20, "--progressive.steps-per-fix", 20,
+        "--difix", "random-tiny-architecture", "--progressive.fix-start", 20, "--progressive.steps-per-fix", 20,
         "--strategy.refine-start-iter", 10, "--strategy.refine-every", 15, "--save-every", 1000, *extra,
     ]
     result = subprocess.run([str(part) for part in command], env=ENV, capture_output=True, text=True)

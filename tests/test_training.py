@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -40,7 +41,7 @@ def _config(dataset, output, **overrides):
     settings = dict(
         dataset=dataset,
         output=output,
-        model="tiny",
+        model="random-tiny-architecture",
         steps=30,
         crop_size=24,
         learning_rate=1e-4,
@@ -81,7 +82,7 @@ def test_training_lowers_the_loss_and_writes_its_outputs(full_run):
 
 def test_only_the_trainable_parts_change(full_run):
     output, _ = full_run
-    start, trained = load_difix("tiny").state_dict(), load_difix(output).state_dict()
+    start, trained = load_difix("random-tiny-architecture").state_dict(), load_difix(output).state_dict()
     assert start.keys() == trained.keys()
     changed = {key for key in start if not torch.equal(start[key], trained[key])}
     assert not any(key.startswith("vae.encoder.") for key in changed)
@@ -109,7 +110,7 @@ def test_missing_file_fails_before_training_with_the_path(dataset, tmp_path, cap
     bad.write_text(json.dumps(content))
     output = tmp_path / "never"
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--dataset", str(bad), "--output", str(output), "--model", "tiny", "--perceptual-backbone", "random"])
+        main(["train", "--dataset", str(bad), "--output", str(output), "--model", "random-tiny-architecture", "--perceptual-backbone", "random"])
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
     assert "2 missing file(s)" in message and str(dataset.parent / "gone.png") in message and "also_gone.png" in message
@@ -143,3 +144,33 @@ def test_config_defaults_follow_the_release_recipe():
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     assert defaults["learning_rate"] == 2e-5 and defaults["weight_decay"] == 1e-2 and defaults["max_grad_norm"] == 1.0
     assert defaults["gram_warmup_steps"] == 2000 and defaults["batch_size"] == 1
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated"])
+def test_unreadable_image_fails_before_training(dataset, tmp_path, damage):
+    """Issue 14 case 7: random bytes gave a ZeroDivisionError; a truncated PNG failed at step 1."""
+    import subprocess
+    import sys
+
+    content = json.loads(dataset.read_text())
+    pair = content["train"]["p1"]
+    source = dataset.parent / pair["target_image"]
+    broken = tmp_path / "broken.png"
+    if damage == "random bytes":
+        broken.write_bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes())
+    else:
+        data = source.read_bytes()
+        broken.write_bytes(data[: len(data) * 2 // 3])
+    pair["target_image"] = str(broken)
+    bad = dataset.parent / f"unreadable_{damage.replace(' ', '_')}.json"  # paths in it are relative to it
+    bad.write_text(json.dumps(content))
+    output = tmp_path / "never"
+    difix3d = str(Path(sys.executable).parent / "difix3d")
+    result = subprocess.run(
+        [difix3d, "train", "--dataset", str(bad), "--output", str(output), "--model", "random-tiny-architecture",
+         "--perceptual-backbone", "random"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith(f"difix3d: error: cannot read image {broken}") and result.stderr.count("\n") == 1
+    assert not output.exists()

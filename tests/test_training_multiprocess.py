@@ -62,7 +62,7 @@ def _free_port() -> int:
 
 def _train_args(dataset: Path, output: Path, *extra: str) -> list[str]:
     return [
-        "-m", "difix3d.cli", "train", "--dataset", str(dataset), "--output", str(output), "--model", "tiny",
+        "-m", "difix3d.cli", "train", "--dataset", str(dataset), "--output", str(output), "--model", "random-tiny-architecture",
         "--perceptual-backbone", "random", "--steps", "6", "--crop-size", "24", "--learning-rate", "1e-4",
         "--gram-warmup-steps", "2", "--checkpoint-every", "3", "--eval-every", "6", "--log-every", "1", *extra,
     ]  # fmt: skip

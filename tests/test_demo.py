@@ -1,0 +1,64 @@
+"""`make demo`'s hand-off to the user (issue 14 case 13), with the long runs replaced by their files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_demo():
+    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_ends_with_the_run_and_the_next_commands(tmp_path, monkeypatch, capsys):
+    demo = _load_demo()
+    output = tmp_path / "demo_output"
+    scene = output / "scene"
+    (scene / "sparse" / "0").mkdir(parents=True)
+    (scene / "images").mkdir()
+    iio.imwrite(scene / "images" / "frame_eval_0000.png", np.full((30, 40, 3), 90, dtype=np.uint8))
+
+    def fake_train_render_eval(settings, scene_dir, name, *method_args):
+        for output_name in ("rgb", "rgb_enhanced"):
+            folder = output / "renders" / name / "test" / output_name
+            folder.mkdir(parents=True, exist_ok=True)
+            iio.imwrite(folder / "frame_eval_0000.jpg", np.full((30, 40, 3), 160, dtype=np.uint8))
+        run = output / "runs" / name / "difix3d-gs" / "run"
+        (run / "difix3d").mkdir(parents=True, exist_ok=True)
+        (run / "difix3d" / "manifest.json").write_text(json.dumps({"rounds": []}))
+        return {"psnr": 20.0, "ssim": 0.5, "psnr_enhanced": 21.0, "ssim_enhanced": 0.6}
+
+    monkeypatch.setattr(demo, "train_render_eval", fake_train_render_eval)
+    demo.main(demo.Demo(output=output))
+    printed = capsys.readouterr().out
+    config = output / "runs" / "difix3d" / "difix3d-gs" / "run" / "config.yml"
+    assert f"The Difix3D run: {config}" in printed
+    assert f"ns-render dataset --load-config {config}" in printed
+    assert f"ns-viewer --load-config {config}" in printed
+    assert f"ns-train difix3d-gs --data {scene} --machine.device-type cpu --pipeline.difix.model " in printed
+
+    comparison = iio.imread(output / "comparison.png")
+    assert comparison.shape[1] == 4 * 40 and comparison.shape[0] > 30
+    labels = comparison[: comparison.shape[0] - 30]
+    for column in range(4):  # every column has its label drawn above it
+        assert (labels[:, column * 40 : (column + 1) * 40] < 128).any(), column
+
+
+def test_readme_commands_leave_git_status_clean():
+    if not (ROOT / ".git").exists():
+        return
+    written = ["data/room/images/a.png", "output.json", "renders/test/rgb/a.jpg", "outputs/x/config.yml"]
+    result = subprocess.run(["git", "check-ignore", *written], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.split() == written
