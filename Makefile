@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The stamp is rebuilt only when the dependencies change, so a second `make setup` is instant.
 STAMP := $(VENV)/.difix3d-installed
 
-.PHONY: setup weights test demo bench gpu-wheels clean
+.PHONY: setup weights browser test demo bench gpu-wheels clean
 
 setup: $(STAMP) weights
 
@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# Debian's Chromium and its WebDriver for tests/test_viewer_browser.py (never a downloaded browser
+# build); where they cannot be installed (no root, no Debian) that test skips with this reason.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $$( [ "$$(id -u)" = 0 ] || echo sudo -n ) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver'; } || \
+	  echo "make browser: could not install Debian's chromium + chromium-driver; the browser test will be skipped"
 
 test: setup
 	$(PY) -m pytest -q
