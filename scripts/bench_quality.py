@@ -100,7 +100,8 @@ class BenchQuality:
     """Smoke test: one small scene, very few steps (overrides the sizes below)."""
     difix: str | None = None
     """Evaluate this Difix without training one: a model folder, `embedded` (the Difix shipped in the
-    package), or any `load_difix` spec (`tiny`: random weights). Unset: train the tiny Difix first."""
+    package), or any `load_difix` spec (`random-tiny-architecture`: random weights, for smoke tests).
+    Unset: train the tiny Difix first."""
     eval_seeds: tuple[int, ...] = EVALUATION_SEEDS
     """Seeds of the evaluation scenes (`difix3d.seeds`: reserved, never used for Difix training data)."""
     noise_seeds: tuple[int, ...] = (0, 1, 2)

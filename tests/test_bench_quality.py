@@ -61,10 +61,10 @@ def test_quick_benchmark_reports_resumes_repeats_and_refuses_other_code(tmp_path
     assert "Benchmark" in (tmp_path / "shipped" / "README.md").read_text()
 
     # Evaluate-only: another Difix in the same work folder reuses every plain 3DGS stage.
-    other = bench("--difix", "tiny", work=work, results=tmp_path / "results_tiny")
+    other = bench("--difix", "random-tiny-architecture", work=work, results=tmp_path / "results_tiny")
     assert other.returncode == 0, other.stderr[-3000:]
     ran = json.loads((tmp_path / "results_tiny" / "quality.json").read_text())["timing"]["stages_run_now"]
-    assert ran and all("/difix-tiny-" in name for name in ran), ran
+    assert ran and all("/difix-random-tiny-architecture-" in name for name in ran), ran
 
     # The same stages run again give the same numbers.
     scene_dir = work / "eval" / "eval_1000"
