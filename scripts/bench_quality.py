@@ -425,13 +425,12 @@ def curate_pairs(bench: BenchQuality, book: StageBook, train_scenes: list[tuple[
 
 
 def pretrain_autoencoder(bench: BenchQuality, book: StageBook, dataset: Path, dataset_record: dict) -> tuple[Path, dict]:
-    """A `tiny` Difix whose VAE (encoder, decoder base weights, skip convs; LoRA and UNet untouched)
-    is trained as a plain autoencoder (L2, posterior mean, no KL) on every image of the dataset."""
+    """A `tiny` Difix whose VAE is pretrained as an autoencoder (`difix3d.autoencoder`) on every image
+    of the dataset, then made to start as that autoencoder (`identity_start`)."""
     folder = bench.work / "difix_init"
 
     def make():
-        import torch.nn.functional as F
-
+        from difix3d.autoencoder import AutoencoderConfig, identity_start, pretrain_autoencoder
         from difix3d.checkpoint import save_pretrained
         from difix3d.model import Difix
 
@@ -440,27 +439,10 @@ def pretrain_autoencoder(bench: BenchQuality, book: StageBook, dataset: Path, da
         files = sorted({dataset.parent / pair[key] for split in content.values() for pair in split.values()
                         for key in ("image", "target_image", "ref_image") if pair.get(key)})  # fmt: skip
         images = torch.stack([load_rgb(file) for file in files]) * 2 - 1
-        difix = Difix.from_config("tiny")
-        parameters = [p for name, p in difix.vae.named_parameters() if "lora_" not in name]
-        for parameter in parameters:
-            parameter.requires_grad_(True)
-        optimizer = torch.optim.AdamW(parameters, lr=bench.autoencoder_lr, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(0)
-        crop = min(bench.difix_crop, images.shape[-2], images.shape[-1]) // 8 * 8
-        difix.train()
-        for step in range(bench.autoencoder_steps):
-            index = torch.randint(len(images), (4,), generator=generator)
-            top = int(torch.randint(images.shape[-2] - crop + 1, (1,), generator=generator))
-            left = int(torch.randint(images.shape[-1] - crop + 1, (1,), generator=generator))
-            batch = images[index, :, top : top + crop, left : left + crop]
-            loss = F.mse_loss(difix.decode(*difix.encode(batch)), batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step % 100 == 0 or step == bench.autoencoder_steps - 1:
-                log(f"autoencoder step {step}: L2 {loss.item():.5f} (~{10 * np.log10(4 / loss.item()):.1f} dB)")
-        difix._freeze()
-        save_pretrained(difix.eval(), folder)
+        config = AutoencoderConfig(steps=bench.autoencoder_steps, learning_rate=bench.autoencoder_lr, crop=bench.difix_crop)
+        difix = pretrain_autoencoder(Difix.from_config("tiny"), images, config, progress=False,
+                                     on_log=lambda step, loss: log(f"autoencoder step {step}: L2 {loss:.5f}"))  # fmt: skip
+        save_pretrained(identity_start(difix), folder)
 
     settings = {"steps": bench.autoencoder_steps, "lr": bench.autoencoder_lr, "crop": bench.difix_crop}
     return folder, book.ensure(folder, settings, make, inputs=(dataset_record,))
