@@ -1,6 +1,8 @@
 """Quality benchmark: does Difix3D(+) improve 3DGS on extreme held-out views of unseen scenes?
 
-Two modes:
+Modes:
+- `--baselines-only`: only the stages no Difix takes part in (evaluation scenes, plain 3DGS
+  repeats), so they can run while a Difix trains;
 - `--difix SPEC` (evaluate only): score a given Difix (a model folder, `embedded` for the Difix that
   ships in the package, or any `difix3d.checkpoint.load_difix` spec) without training one;
 - without `--difix`: first train the `tiny` Difix on pairs curated from training scenes (seeds
@@ -97,6 +99,9 @@ class BenchQuality:
     results: Path = Path("benchmarks")
     """Where quality.json, quality.md, quality_grid.png and quality_rounds.png go."""
     quick: bool = False
+    baselines_only: bool = False
+    """Run only the stages no Difix takes part in (evaluation scenes, plain 3DGS repeats), then stop:
+    they can run while a Difix trains, and a later run of the same code reuses them."""
     """Smoke test: one small scene, very few steps (overrides the sizes below)."""
     difix: str | None = None
     """Evaluate this Difix without training one: a model folder, `embedded` (the Difix shipped in the
@@ -555,7 +560,8 @@ class SceneRuns:
     records: list[dict] = field(default_factory=list)
 
 
-def evaluate_scene(bench: BenchQuality, book: StageBook, scene: Path, scene_record: dict, difix_spec: str, difix_id: str, get_difix) -> SceneRuns:
+def plain_runs(bench: BenchQuality, book: StageBook, scene: Path, scene_record: dict) -> SceneRuns:
+    """The plain 3DGS repeats of one evaluation scene (one per noise seed): no Difix involved."""
     out = bench.work / "eval" / scene.name
     runs = SceneRuns(scene, records=[scene_record])
     for seed in bench.noise_seeds:
@@ -569,7 +575,12 @@ def evaluate_scene(bench: BenchQuality, book: StageBook, scene: Path, scene_reco
         settings = {"train_seed": seed, "steps": bench.steps, "checkpoint_step": bench.fix_start - 1}
         runs.records.append(book.ensure(folder, settings, make_plain, (scene_record,)))
         runs.plain[seed] = folder
+    return runs
 
+
+def evaluate_scene(bench: BenchQuality, book: StageBook, scene: Path, scene_record: dict, difix_spec: str, difix_id: str, get_difix) -> SceneRuns:
+    runs = plain_runs(bench, book, scene, scene_record)
+    out = bench.work / "eval" / scene.name
     seed = bench.noise_seeds[0]
     plain, plain_record = runs.plain[seed], runs.records[1]
     runs.difix3d = out / f"difix-{difix_id}" / "difix3d"
@@ -1019,6 +1030,14 @@ def main(bench: BenchQuality) -> dict:
     code = code_version()
     log(f"code: {describe_code(code)}")
     book = StageBook(bench.work, code, bench.allow_mixed_code)
+
+    if bench.baselines_only:
+        eval_scenes = build_scenes(bench, book, "eval", bench.eval_seeds)
+        with ThreadPoolExecutor(max_workers=max(bench.jobs, 1)) as pool:
+            for future in [pool.submit(plain_runs, bench, book, scene, record) for scene, record in eval_scenes]:
+                future.result()
+        log(f"baselines done ({len(eval_scenes)} scenes x {len(bench.noise_seeds)} seeds); run again with --difix to evaluate one")
+        return {}
 
     training = None
     if bench.difix is None:
