@@ -30,15 +30,12 @@ import numpy as np
 import torch
 
 from difix3d.errors import Difix3DError
-from difix3d.gaussians import SplatFitConfig, fit_splats, render_splats, seed_points_from_depth
+from difix3d.gaussians import EVAL_BACKGROUND, SplatFitConfig, fit_splats, render_splats, seed_points_from_depth
 from difix3d.model_ids import PROMPT
 from difix3d.poses import nearest_poses, quaternion_slerp, matrix_to_quaternion, quaternion_to_matrix
 from difix3d.scenes import GroundTruth, load_ground_truth, look_at
 
 STRATEGY = "ground-truth"
-# Splatfacto renders uncovered pixels in this colour at evaluation (viser's background): the engine
-# does the same so that its renders look like the ones Difix gets from `difix3d-gs`.
-RENDER_BACKGROUND = (0.1490, 0.1647, 0.2157)
 
 
 @dataclass(frozen=True)
@@ -114,7 +111,7 @@ def curate_ground_truth_scene(scene_dir: Path, out: Path, config: GroundTruthPai
 
     novel = torch.from_numpy(np.stack([poses[name] for name in names])).float()
     novel_K = torch.from_numpy(np.broadcast_to(intrinsics.matrix(), (len(names), 3, 3)).copy()).float()
-    background = torch.tensor([RENDER_BACKGROUND])
+    background = torch.tensor([EVAL_BACKGROUND])
 
     def render_snapshot(step: int, params) -> None:
         folder = strategy_dir / f"step-{step:05d}"
