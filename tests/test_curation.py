@@ -404,7 +404,7 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, small_scene, tmp_pa
     args = [
         "curate", "--scene", str(tiny_scene), "--scene", str(small_scene), "--out", str(out),
         "--strategies", "sparse", "underfit", "--steps", "20", "--underfit-fractions", "0.25", "0.75",
-        "--test-fraction", "0.2",
+        "--test-fraction", "0.2", "--reconstructor", "nerfstudio",
     ]  # fmt: skip
     main(args)
 
@@ -443,8 +443,42 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, small_scene, tmp_pa
     started = time.perf_counter()
     result = curation.curate(CurateConfig(
         scene=[tiny_scene, small_scene], out=out, strategies=("sparse", "underfit"), steps=20,
-        underfit_fractions=(0.25, 0.75), test_fraction=0.2,
+        underfit_fractions=(0.25, 0.75), test_fraction=0.2, reconstructor="nerfstudio",
     ))  # fmt: skip
     assert result.curated == [] and len(result.skipped) == 4
     assert time.perf_counter() - started < 10
     assert json.loads(dataset_path.read_text()) == dataset
+
+
+def degraded_pairs(out: Path, pairs: list[dict]) -> None:
+    """Every render differs from its photograph, but looks like the scene (not noise, not empty)."""
+    for pair in pairs:
+        image, target = (iio.imread(out / pair[key])[..., :3].astype(float) for key in ("image", "target_image"))
+        error = np.abs(image - target).mean()
+        assert 1 < error < 60, (pair["id"], error)
+
+
+@pytest.mark.slow
+def test_cross_end_to_end_with_the_library_reconstructor(tiny_scene, tmp_path):
+    out = tmp_path / "curated"
+    main(["curate", "--scene", str(tiny_scene), "--out", str(out), "--strategies", "cross", "--steps", "150", "--device", "cpu"])
+    pairs = json.loads((out / tiny_scene.name / "cross.json").read_text())["pairs"]
+    groups = curation.camera_groups(curation.load_scene(tiny_scene), "auto", 2)
+    assert sorted(pair["view"] for pair in pairs) == sorted(groups[1])
+    degraded_pairs(out, pairs)
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert len(dataset["train"]) + len(dataset["test"]) == len(pairs)
+
+
+@pytest.mark.slow
+def test_cycle_end_to_end_with_the_library_reconstructor(tiny_scene, tmp_path):
+    out = tmp_path / "curated"
+    main(["curate", "--scene", str(tiny_scene), "--out", str(out), "--strategies", "cycle", "--steps", "150",
+          "--device", "cpu", "--keep-work"])  # fmt: skip
+    pairs = json.loads((out / tiny_scene.name / "cycle.json").read_text())["pairs"]
+    scene = curation.load_scene(tiny_scene)
+    assert sorted(pair["view"] for pair in pairs) == scene.names
+    degraded_pairs(out, pairs)
+    # The second model learnt from the first one's renders of the shifted poses, which exist.
+    shifted = sorted((out / tiny_scene.name / "work" / "cycle" / "cycle_first" / "renders" / "latest").glob("*.png"))
+    assert len(shifted) == len(scene.names)
