@@ -48,6 +48,7 @@ import torch.nn.functional as F
 import tyro
 from safetensors.torch import load_file, save_file
 
+from difix3d.checkpoint import save_pretrained
 from difix3d.errors import Difix3DError
 from difix3d.images import load_image, save_image
 from difix3d.losses import GRAM_LAYER_WEIGHTS, DifixLoss, LossTerms
@@ -586,7 +587,7 @@ class DifixTrainer:
         self.accelerator.wait_for_everyone()
         if self._is_main:
             model = self.accelerator.unwrap_model(self.model)
-            model.save_pretrained(str(self.output))
+            save_pretrained(model, self.output)
             (self.output / "README.md").write_text(self._model_card(result))
             logger.info("model saved to %s", self.output)
         if self.writer is not None:
