@@ -178,7 +178,7 @@ class SplatReconstructor:
 
     def train(self, views: TrainingViews, folder: Path, steps: int, checkpoint_steps: Sequence[int] = ()) -> _Splats:
         from difix3d.gaussians import SplatFitConfig, fit_splats
-        from difix3d.images import load_image
+        from difix3d.images import from_uint8, load_image
 
         reconstruction = derived_reconstruction(views)
         images = [torch.from_numpy(load_image(_image_file(views, name))) for name in views.train]
@@ -192,7 +192,7 @@ class SplatReconstructor:
                 raise Difix3DError(f"scene {views.scene.id}: {name} is {image.shape[1]}x{image.shape[0]} pixels, its camera {width}x{height}")
         points = reconstruction.points3D.values()
         xyz = torch.tensor(np.array([point.xyz for point in points]), dtype=torch.float32)
-        colours = torch.tensor(np.array([point.color for point in points]), dtype=torch.float32) / 255
+        colours = torch.from_numpy(from_uint8(np.array([point.color for point in points], dtype=np.uint8)))
         snapshots: dict[int | None, dict[str, torch.Tensor]] = {}
 
         def keep(step: int, params) -> None:

@@ -35,6 +35,7 @@ from pytorch_msssim import SSIM
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from difix3d.gaussians import EVAL_BACKGROUND
+from difix3d.images import from_uint8
 from difix3d.metrics import LPIPSMetric
 from difix3d.rasterize import rasterization
 from nerfstudio_plugin.enhanced_outputs import EnhancedRenders
@@ -71,7 +72,7 @@ class Difix3DGSModel(EnhancedRenders, SplatfactoModel):
         quats = torch.nn.Parameter(random_quat_tensor(num_points))
         dim_sh = num_sh_bases(config.sh_degree)
         if seeded and self.seed_points[1].shape[0] > 0:  # seed colours (there can be points without colours)
-            colours = self.seed_points[1].float() / 255
+            colours = from_uint8(self.seed_points[1].to(torch.uint8))
             features_dc = RGB2SH(colours) if config.sh_degree > 0 else torch.logit(colours, eps=1e-10)
             features_rest = torch.zeros((len(colours), dim_sh - 1, 3))
         else:
