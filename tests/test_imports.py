@@ -1,4 +1,4 @@
-"""Library boundaries: no import cycles among difix3d's modules, and the library never imports nerfstudio."""
+"""Library boundaries: no import cycles among difix3d's modules, no nerfstudio import, no child processes."""
 
 from __future__ import annotations
 
@@ -62,3 +62,9 @@ def test_the_library_never_imports_nerfstudio():
     # The one exception: `difix3d curate --reconstructor nerfstudio` loads the plugin's reconstructor when chosen.
     offenders["difix3d.curation"] = [i for i in offenders["difix3d.curation"] if not i.startswith("nerfstudio_plugin.reconstructor")]
     assert {name: imports for name, imports in offenders.items() if imports} == {}
+
+
+def test_the_library_runs_no_programs():
+    """No child processes (nerfstudio's tools, pip) from library code: entry points run those."""
+    offenders = [path.name for path in LIBRARY.glob("*.py") if "subprocess" in path.read_text() or "ns-train" in path.read_text()]
+    assert offenders == []
