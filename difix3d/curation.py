@@ -30,9 +30,9 @@ strategy's pairs and parameters: written when the strategy has finished, so a re
 scene is done when all selected strategies are) and `OUT/dataset.json`, the dataset for
 `difix3d train`, rebuilt atomically from every strategy manifest in OUT at the end of each run
 (of a sharded run: see below).
-Its pairs carry extra keys: scene, strategy, variant, step (the training step of the model
-that rendered the input, as the reconstructor counts), view, ref_view and the OpenCV camera-to-world poses (COLMAP frame) of the
-target (`pose`) and reference (`ref_pose`), plus `shifted_pose` for `cycle`.
+Its pairs carry extra keys: scene, strategy, variant, step (the training step of the model that
+rendered the input, as the reconstructor counts), view, ref_view and the OpenCV camera-to-world
+poses (COLMAP frame) of the target (`pose`) and reference (`ref_pose`), plus `shifted_pose` for `cycle`.
 Test split rule (applied when dataset.json is built, so changing it needs no new renders): a target
 view goes to "test" when a stable hash of "<scene>/<view>" falls below `test_fraction`, so all pairs
 of a view share a split whatever the scene set or sharding.
@@ -54,7 +54,7 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -68,9 +68,8 @@ from difix3d.errors import Difix3DError
 from difix3d.model_ids import PROMPT
 from difix3d.poses import pairwise_pose_distance
 from difix3d.files import atomic_write_bytes
-from difix3d.reconstruction import Reconstructor, SceneViews, TrainingViews, load_scene, scene_id
-
-__all__ = ["CurateConfig", "SceneViews", "curate", "load_scene", "scene_id"]  # and the helpers below
+# SceneViews, load_scene and scene_id are used here and re-exported (curation's API before they moved).
+from difix3d.reconstruction import Reconstructor, SceneViews, TrainingViews, load_scene, scene_id  # noqa: F401
 
 Strategy = Literal["sparse", "underfit", "cross", "cycle", "ground-truth"]
 GROUND_TRUTH = "ground-truth"

@@ -47,7 +47,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import resource
 import shutil
 import subprocess
