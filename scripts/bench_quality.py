@@ -66,6 +66,7 @@ import tyro
 from tqdm import tqdm
 
 from difix3d.errors import Difix3DError
+from difix3d.images import from_uint8, to_uint8
 from difix3d.seeds import EVALUATION_SEEDS, is_evaluation_seed
 from nerfstudio_plugin import runner as nerfstudio_runner
 
@@ -195,11 +196,11 @@ def jsonable(value):
 
 def load_rgb(path: Path) -> torch.Tensor:
     """[3, H, W] float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(iio.imread(path)[..., :3])).permute(2, 0, 1).float() / 255
+    return from_uint8(torch.from_numpy(np.ascontiguousarray(iio.imread(path)[..., :3]))).permute(2, 0, 1)
 
 
 def save_rgb(path: Path, image: torch.Tensor) -> None:
-    iio.imwrite(path, (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    iio.imwrite(path, to_uint8(image.permute(1, 2, 0)).numpy())
 
 
 def view_names(scene: Path, kind: str) -> list[str]:
