@@ -250,6 +250,26 @@ def test_manifests_record_the_reconstructor_and_old_ones_count_as_nerfstudio(tin
         curation.curate(config, FakeReconstructor())
 
 
+def test_library_reconstructor_renders_its_checkpoints_and_added_views(tiny_scene, tmp_path):
+    from difix3d.reconstruction import SplatReconstructor
+
+    scene = curation.load_scene(tiny_scene)
+    train, held_out = curation.sparse_split(scene.names, 2)
+    extra = {"shifted.png": (scene.image_path(train[0]), curation.shift_sideways(scene.poses[0], 0.2))}
+    views = TrainingViews(scene, train, [*held_out[:2], "shifted.png"], points_from=train, extra_views=extra)
+    reconstructor = SplatReconstructor(progress=False)
+    reconstruction = reconstructor.train(views, tmp_path / "run", steps=6, checkpoint_steps=(2,))
+    final = reconstructor.render(reconstruction, views.render)
+    early = reconstructor.render(reconstruction, held_out[:1], step=2)
+    photo = iio.imread(scene.image_path(held_out[0]))
+    assert all(iio.imread(path).shape == photo[..., :3].shape for path in final.values())
+    assert not np.array_equal(iio.imread(early[held_out[0]]), iio.imread(final[held_out[0]]))
+    with pytest.raises(Difix3DError, match="no checkpoint at step 3"):
+        reconstructor.render(reconstruction, held_out[:1], step=3)
+    with pytest.raises(Difix3DError, match="not a view of this reconstruction"):
+        reconstructor.render(reconstruction, [held_out[3]])
+
+
 def test_curation_imports_no_nerfstudio():
     code = "import sys, difix3d.curation, difix3d.reconstruction; print(sorted(m for m in sys.modules if 'nerfstudio' in m))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
