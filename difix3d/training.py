@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 import tyro
 from safetensors.torch import load_file, save_file
 
+from difix3d.checkpoint import save_pretrained
 from difix3d.errors import Difix3DError
 from difix3d.images import load_image, save_image
 from difix3d.losses import GRAM_LAYER_WEIGHTS, DifixLoss, LossTerms
@@ -586,7 +588,7 @@ class DifixTrainer:
         self.accelerator.wait_for_everyone()
         if self._is_main:
             model = self.accelerator.unwrap_model(self.model)
-            model.save_pretrained(str(self.output))
+            save_pretrained(model, self.output)
             (self.output / "README.md").write_text(self._model_card(result))
             logger.info("model saved to %s", self.output)
         if self.writer is not None:
@@ -599,7 +601,8 @@ class DifixTrainer:
         if config.perceptual_backbone == "random":
             backbone = "**RANDOM (untrained) VGG-16** — asked for explicitly; LPIPS and Gram terms are not perceptual"
         elif config.lambda_lpips > 0 or config.lambda_gram > 0:
-            backbone = f"ImageNet VGG-16 from `{find_imagenet_weights('vgg', config.vgg16_weights)}`"
+            weights = find_imagenet_weights("vgg", config.vgg16_weights)  # its file name: no machine path
+            backbone = f"ImageNet VGG-16 (`{weights.name if weights else 'weights not found'}`)"
         else:
             backbone = "not used"
         last_eval = next((e for e in reversed(result.evaluations) if e), None)
@@ -616,10 +619,11 @@ class DifixTrainer:
         layer_weights = ", ".join(f"{w:.4g}" for w in GRAM_LAYER_WEIGHTS)
         return f"""# Difix fine-tuned with difix3d
 
-Load with `difix3d.checkpoint.load_difix("{self.output}")` or `difix3d fix --model {self.output} ...`.
+Load this folder with `difix3d.checkpoint.load_difix(FOLDER)` or `difix3d fix --model FOLDER ...`.
+Paths are relative to this folder.
 
-- **Started from**: `{config.model}`
-- **Data**: `{config.dataset}` — {len(train)} training pairs, {len(test)} test pairs, \
+- **Started from**: `{self._card_path(config.model)}`
+- **Data**: `{self._card_path(config.dataset)}` — {len(train)} training pairs, {len(test)} test pairs, \
 {"with" if train[0].ref is not None else "without"} reference views
 - **Steps**: {result.final_step} × batch {config.batch_size} × {self.accelerator.num_processes} process(es); \
 random {self.crop[0]}x{self.crop[1]} crops
@@ -634,6 +638,12 @@ pairs per step ({config.batch_size} per process)
 - **Evaluation**: {metrics}
 - **Final training loss**: {f"{result.losses[-1]:.4f}" if result.losses else "n/a"}
 """
+
+    def _card_path(self, location: str | Path) -> str:
+        """A file or folder as the model card records it: relative to the card's folder (a model id as is)."""
+        if not Path(location).exists():
+            return str(location)
+        return Path(os.path.relpath(Path(location).absolute(), self.output.absolute())).as_posix()
 
     # --------------------------------------------------------------------------- helpers
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -25,9 +24,11 @@ import numpy as np
 import tyro
 
 from difix3d.checkpoint import EMBEDDED_DIFIX
+from difix3d.errors import Difix3DError
 from difix3d.imagenet_weights import missing_weights_message
+from nerfstudio_plugin import runner as nerfstudio_runner
+from nerfstudio_plugin.runner import BIN
 
-BIN = Path(sys.executable).parent
 DEFAULT_DIFIX = EMBEDDED_DIFIX
 
 
@@ -51,26 +52,17 @@ class Demo:
 
 
 def run(command: list) -> None:
-    command = [str(part) for part in command]
-    print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    """Run a command, its output on this terminal, after printing it."""
+    nerfstudio_runner.run([str(part) for part in command], echo=True)
 
 
 def train_render_eval(demo: Demo, scene: Path, name: str, *method_args) -> dict:
     """ns-train difix3d-gs, then ns-render the held-out views and ns-eval them; returns the metrics."""
     runs = demo.output / "runs"
-    run([
-        BIN / "ns-train", "difix3d-gs", "--data", scene, "--output-dir", runs, "--experiment-name", name,
-        "--timestamp", "run", "--machine.device-type", "cpu", "--vis", "tensorboard",
-        "--max-num-iterations", demo.steps, "--steps-per-save", demo.steps,
-        "--steps-per-eval-image", 10 * demo.steps, "--steps-per-eval-all-images", 10 * demo.steps,
-        # 160x120 images: train at full resolution from the start (Splatfacto starts at 1/4).
-        "--pipeline.model.num-downscales", 0, *method_args,
-    ])
-    config = runs / name / "difix3d-gs" / "run" / "config.yml"
+    run(nerfstudio_runner.train_command(scene, runs, name, demo.steps, *method_args, device="cpu", save_every=demo.steps))
+    config = nerfstudio_runner.run_dir(runs, name) / "config.yml"
     outputs = ["rgb", "rgb_enhanced"] if name == "difix3d" else ["rgb"]
-    run([BIN / "ns-render", "dataset", "--load-config", config, "--split", "test",
-         "--rendered-output-names", *outputs, "--output-path", demo.output / "renders" / name])
+    run(nerfstudio_runner.render_command(config, "test", outputs, demo.output / "renders" / name, image_format=None))
     metrics_path = demo.output / f"metrics_{name}.json"
     run([BIN / "ns-eval", "--load-config", config, "--output-path", metrics_path])
     return json.loads(metrics_path.read_text())["results"]
@@ -128,7 +120,7 @@ def main(demo: Demo) -> None:
         "--pipeline.progressive.fix-start", demo.fix_start, "--pipeline.progressive.steps-per-fix", demo.steps_per_fix,
         "--pipeline.progressive.pose-step", demo.pose_step,
     )
-    manifest = json.loads((demo.output / "runs" / "difix3d" / "difix3d-gs" / "run" / "difix3d" / "manifest.json").read_text())
+    manifest = json.loads((nerfstudio_runner.run_dir(demo.output / "runs", "difix3d") / "difix3d" / "manifest.json").read_text())
 
     print("\n== difix3d demo: held-out extreme views of a procedural scene ==")
     print(f"scene:       {scene} (held-out views: {scene / 'images'}/frame_eval_*.png)")
@@ -148,7 +140,7 @@ def main(demo: Demo) -> None:
         print("The embedded Difix is a 1.1M-parameter model trained on procedural scenes, one scene is one sample:"
               " benchmarks/quality.md has its effect over 4 held-out scenes. Use --model nvidia/difix_ref on a GPU.")
     print(f"took {time.time() - started:.0f} s")
-    config = demo.output / "runs" / "difix3d" / "difix3d-gs" / "run" / "config.yml"
+    config = nerfstudio_runner.run_dir(demo.output / "runs", "difix3d") / "config.yml"
     print(f"\nThe Difix3D run: {config}. Next:")
     print(f"  ns-render dataset --load-config {config} --split test --rendered-output-names rgb rgb_enhanced --output-path renders")
     print(f"  ns-viewer --load-config {config}   # look around in the browser")
@@ -158,4 +150,8 @@ def main(demo: Demo) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main(tyro.cli(Demo))
+    try:
+        main(tyro.cli(Demo))
+    except Difix3DError as error:
+        print(f"demo: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

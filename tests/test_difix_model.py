@@ -158,8 +158,10 @@ def test_gradients_reach_unet_lora_and_skips_not_encoder(trained: Difix) -> None
 
 
 def test_save_and_load_are_bit_exact(trained: Difix, tmp_path) -> None:
-    trained.save_pretrained(tmp_path / "model")
-    loaded = Difix.from_pretrained(tmp_path / "model")
+    from difix3d.checkpoint import load_pretrained, save_pretrained
+
+    save_pretrained(trained, tmp_path / "model")
+    loaded = load_pretrained(tmp_path / "model")
     original = trained.state_dict()
     assert original.keys() == loaded.state_dict().keys()
     assert all(torch.equal(original[key], value) for key, value in loaded.state_dict().items())

@@ -63,7 +63,7 @@ def full_run(dataset, tmp_path_factory):
     return output, train(_config(dataset, output))
 
 
-def test_training_lowers_the_loss_and_writes_its_outputs(full_run):
+def test_training_lowers_the_loss_and_writes_its_outputs(full_run, dataset):
     output, result = full_run
     assert len(result.losses) == 30 and result.final_step == 30
     assert np.mean(result.losses[-5:]) < 0.9 * np.mean(result.losses[:5])
@@ -78,6 +78,8 @@ def test_training_lowers_the_loss_and_writes_its_outputs(full_run):
     card = (output / "README.md").read_text()
     assert "RANDOM (untrained) VGG-16" in card and "30 ×" in card and "tiny" in card
     assert ("LPIPS v0.1 with AlexNet" if has_alexnet else "LPIPS n/a: AlexNet ImageNet weights not found") in card
+    # Paths relative to the card's folder, never the machine's.
+    assert f"**Data**: `../{dataset.parent.name}/data.json`" in card and str(output.parent) not in card
 
 
 def test_only_the_trainable_parts_change(full_run):
