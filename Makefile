@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The stamp is rebuilt only when the dependencies change, so a second `make setup` is instant.
 STAMP := $(VENV)/.difix3d-installed
 
-.PHONY: setup weights browser test demo bench gpu-wheels clean
+.PHONY: setup weights browser test test-fast demo bench gpu-wheels clean
 
 setup: $(STAMP) weights
 
@@ -34,8 +34,13 @@ browser:
 	  { $$( [ "$$(id -u)" = 0 ] || echo sudo -n ) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver'; } || \
 	  echo "make browser: could not install Debian's chromium + chromium-driver; the browser test will be skipped"
 
+# Every test, the slow end-to-end tier included, one worker per core (a test file stays on one
+# worker, so its module fixtures are built once). `make test-fast` skips the slow tier.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
+
+test-fast: setup
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
 
 demo: setup
 	$(PY) scripts/demo.py

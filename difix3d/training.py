@@ -469,17 +469,19 @@ class DifixTrainer:
         if self._is_main and pairs:
             model = self.accelerator.unwrap_model(self.model)
             model.eval()
-            scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
+            # The input's scores too: a Difix is only worth its difference to what it was given.
+            scores: dict[str, list[float]] = {f"{prefix}{name}": [] for prefix in ("", "input_") for name in ("psnr", "ssim", "lpips")}
             rows = []
             for pair in pairs:
                 image, target, ref = (None if t is None else t[None].to(self.device) for t in load_pair_images(pair))
                 with self.accelerator.autocast():
                     output = model.fix(image, refs=ref).float().clamp(0, 1)
-                scores["psnr"].append(float(psnr(output, target)))
-                scores["ssim"].append(float(ssim(output, target)) if min(pair.size) >= 11 else math.nan)
-                lpips_value = self.lpips_metric(output, target)
-                if lpips_value is not None:
-                    scores["lpips"].append(float(lpips_value))
+                for prefix, scored in (("", output), ("input_", image.float())):
+                    scores[f"{prefix}psnr"].append(float(psnr(scored, target)))
+                    scores[f"{prefix}ssim"].append(float(ssim(scored, target)) if min(pair.size) >= 11 else math.nan)
+                    lpips_value = self.lpips_metric(scored, target)
+                    if lpips_value is not None:
+                        scores[f"{prefix}lpips"].append(float(lpips_value))
                 if len(rows) < self.config.grid_rows:
                     rows.append([image, output, target, ref])
             metrics = {"step": self.step, "pairs": len(pairs), "lpips_net": self.config.eval_lpips_net}
@@ -489,7 +491,7 @@ class DifixTrainer:
             with (self.output / "eval" / "metrics.jsonl").open("a") as log:
                 log.write(json.dumps(metrics) + "\n")
             if self.writer is not None:
-                for name in ("psnr", "ssim", "lpips"):
+                for name in ("psnr", "ssim", "lpips", "input_psnr", "input_ssim", "input_lpips"):
                     if name in metrics:
                         self.writer.add_scalar(f"eval/{name}", metrics[name], self.step)
                 self.writer.add_image("eval/grid", iio.imread(grid_path), self.step, dataformats="HWC")
@@ -607,7 +609,8 @@ class DifixTrainer:
             backbone = "not used"
         last_eval = next((e for e in reversed(result.evaluations) if e), None)
         metrics = (
-            ", ".join(f"{k.upper()} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
+            ", ".join(f"{name.upper()} {last_eval[name]:.4f} (input {last_eval['input_' + name]:.4f})"
+                      for name in ("psnr", "ssim", "lpips") if name in last_eval)  # fmt: skip
             + f" (step {last_eval['step']}, {last_eval['pairs']} test pairs)"
             if last_eval
             else "no evaluation (no test split, or --eval-every 0)"
