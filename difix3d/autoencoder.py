@@ -5,6 +5,10 @@ frozen random encoder and a LoRA-only decoder it could not even reproduce its in
 trains the VAE's encoder, decoder and skip convs as a plain autoencoder (L2 on the posterior mean,
 no KL term: the latent is only ever used by Difix's one UNet step) on clean images, and measures
 how well it reproduces held-out images. The UNet, the LoRA adapter and the prompt stay untouched.
+
+`identity_start` then makes the whole Difix begin as that autoencoder, so fine-tuning learns
+corrections to its input instead of first learning to pass it through (a random UNet between a
+trained encoder and decoder turns every image into a grey haze that training has to undo).
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ def pretrain_autoencoder(
         difix.vae.load_state_dict(state["vae"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        # A resumed run may be given another step count: the cosine schedule then ends at the new
+        # last step (its closed form continues smoothly from the saved learning rate).
+        schedule.T_max = config.steps
         generator.set_state(state["generator"])
         first_step = int(state["step"])
     crop_h = min(config.crop, images.shape[-2]) // 8 * 8
@@ -106,3 +113,18 @@ def autoencoder_psnr(difix: Difix, images: torch.Tensor, batch_size: int = 8) ->
         output = reconstruct(difix, batch).clamp(-1, 1)
         scores.append(psnr((output + 1) / 2, (batch + 1) / 2))
     return float(torch.cat(scores).mean())
+
+
+@torch.no_grad()
+def identity_start(difix: Difix) -> Difix:
+    """Make `difix` (with a pretrained autoencoder) output exactly its autoencoder's reproduction of
+    the target, in place: the UNet's last conv is zeroed (so it predicts no noise) and the one-step
+    x0 scale 1/sqrt(abar) this leaves on the latent is folded into the decoder's first linear layer.
+    Fine-tuning then starts from an image-preserving fixer, the way ControlNet's zero convs start
+    from the base model. Returns `difix`."""
+    difix.unet.conv_out.weight.zero_()
+    if difix.unet.conv_out.bias is not None:
+        difix.unet.conv_out.bias.zero_()
+    first = difix.vae.post_quant_conv if difix.vae.post_quant_conv is not None else difix.vae.decoder.conv_in
+    first.weight.mul_(1.0 / difix.x0_scale)
+    return difix

@@ -331,6 +331,11 @@ class Difix(nn.Module):
             hidden = self._maybe_checkpoint(block, hidden)
         return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(hidden)))
 
+    @property
+    def x0_scale(self) -> float:
+        """1/sqrt(abar) at the model's timestep: what a zero noise prediction multiplies latents by."""
+        return self._x0_scale
+
     def _log_once(self, level: int, message: str) -> None:
         if message not in self._logged:
             self._logged.add(message)

@@ -1,10 +1,11 @@
 """Quality benchmark: does Difix3D(+) improve 3DGS on extreme held-out views of unseen scenes?
 
-Two modes:
-- `--difix SPEC` (evaluate only): score a given Difix (a model folder, `embedded` for the Difix that
-  ships in the package, or any `difix3d.checkpoint.load_difix` spec) without training one;
-- without `--difix`: first train the `tiny` Difix on pairs curated from training scenes (seeds
-  `--train-seeds`), then score it the same way.
+Modes:
+- `--baselines-only`: only the stages no Difix takes part in (evaluation scenes, plain 3DGS
+  repeats), so they can run while a Difix trains;
+- otherwise: score a given Difix (`--difix`: a model folder, `embedded` for the Difix that ships in
+  the package, or any `difix3d.checkpoint.load_difix` spec). Training one is not the benchmark's
+  job: `scripts/train_embedded_difix.py` (or `difix3d curate` + `difix3d train`) makes them.
 
 Per evaluation scene (seeds `difix3d.seeds.EVALUATION_SEEDS`, 12 sparse training views on one side
 and 8 extreme held-out views; Difix never sees these seeds), every comparison is paired:
@@ -67,7 +68,7 @@ from tqdm import tqdm
 
 from difix3d.errors import Difix3DError
 from difix3d.images import from_uint8, to_uint8
-from difix3d.seeds import EVALUATION_SEEDS, is_evaluation_seed
+from difix3d.seeds import EVALUATION_SEEDS
 from nerfstudio_plugin import runner as nerfstudio_runner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,15 +94,17 @@ class BenchQuality:
     """Settings; the defaults are the full run."""
 
     work: Path = Path("bench_quality_work")
-    """Scenes, curated pairs, the trained Difix and the nerfstudio runs (resumable stages)."""
+    """Evaluation scenes and the nerfstudio runs (resumable stages)."""
     results: Path = Path("benchmarks")
     """Where quality.json, quality.md, quality_grid.png and quality_rounds.png go."""
     quick: bool = False
+    baselines_only: bool = False
+    """Run only the stages no Difix takes part in (evaluation scenes, plain 3DGS repeats), then stop:
+    they can run while a Difix trains, and a later run of the same code reuses them."""
     """Smoke test: one small scene, very few steps (overrides the sizes below)."""
-    difix: str | None = None
-    """Evaluate this Difix without training one: a model folder, `embedded` (the Difix shipped in the
-    package), or any `load_difix` spec (`random-tiny-architecture`: random weights, for smoke tests).
-    Unset: train the tiny Difix first."""
+    difix: str = "embedded"
+    """The Difix to evaluate: a model folder, `embedded` (the Difix shipped in the package), or any
+    `load_difix` spec (`random-tiny-architecture`: random weights, for smoke tests)."""
     eval_seeds: tuple[int, ...] = EVALUATION_SEEDS
     """Seeds of the evaluation scenes (`difix3d.seeds`: reserved, never used for Difix training data)."""
     noise_seeds: tuple[int, ...] = (0, 1, 2)
@@ -127,33 +130,15 @@ class BenchQuality:
     threads: int = 1
     """Torch/OpenMP threads here and in the nerfstudio subprocesses (0: torch's default). On a busy
     2-core machine one thread is many times faster than two (no spinning on shared cores)."""
-    # Training the tiny Difix (only without --difix).
-    train_seeds: tuple[int, ...] = (101, 102, 103, 104, 105, 106)
-    """Seeds of the training scenes (Difix's data); must lie outside `difix3d.seeds.EVALUATION_SEED_RANGE`."""
-    curate_steps: int = 600
-    """3DGS steps of a full curation reconstruction ("normal schedule")."""
-    curate_strategies: tuple[str, ...] = ("sparse", "cross")
-    autoencoder_steps: int = 400
-    """Steps of the autoencoder pretraining that gives the tiny Difix a working VAE (SD-Turbo's is
-    pretrained; a frozen random encoder and a LoRA-only decoder cannot even reproduce their input)."""
-    autoencoder_lr: float = 1e-3
-    difix_steps: int = 1500
-    """Optimizer steps of the tiny Difix (batch 1, random crops)."""
-    difix_crop: int = 96
-    difix_lr: float = 5e-4
-    """The tiny Difix starts from random weights, hence far above the release's 2e-5."""
-    lambda_lpips: float = 0.0
-    lambda_gram: float = 0.0
-    ship: Path | None = None
-    """Copy the trained Difix (weights, config, model card with these results) to this folder."""
+    model_card: Path | None = None
+    """A model card (README.md) whose `## Benchmark` section is (re)written with this run's table."""
 
     def resolved(self) -> BenchQuality:
         if not self.quick:
             return self
         return dataclasses.replace(
-            self, train_seeds=self.train_seeds[:1], eval_seeds=self.eval_seeds[:1], noise_seeds=self.noise_seeds[:2], width=80, height=60,
-            steps=60, fix_start=20, steps_per_fix=20, curate_steps=30, curate_strategies=("sparse",),
-            autoencoder_steps=4, difix_steps=4, difix_crop=48, grid_views=1,
+            self, eval_seeds=self.eval_seeds[:1], noise_seeds=self.noise_seeds[:2], width=80, height=60,
+            steps=60, fix_start=20, steps_per_fix=20, grid_views=1,
         )  # fmt: skip
 
     def check(self) -> None:
@@ -161,12 +146,6 @@ class BenchQuality:
             raise Difix3DError(f"--noise-seeds needs at least 2 distinct seeds for a noise floor, got {self.noise_seeds}")
         if not 2 <= self.fix_start < self.steps:
             raise Difix3DError(f"--fix-start must lie inside the run: 2 <= {self.fix_start} < steps = {self.steps}")
-        if self.difix is None and any(is_evaluation_seed(seed) for seed in self.train_seeds):
-            raise Difix3DError(f"--train-seeds {self.train_seeds} overlap the evaluation seed range (difix3d.seeds)")
-        if set(self.train_seeds) & set(self.eval_seeds):
-            raise Difix3DError("training and evaluation seeds must be disjoint")
-        if self.ship is not None and self.difix is not None:
-            raise Difix3DError("--ship copies the Difix trained here; it cannot be used with --difix")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -367,7 +346,7 @@ def resolve_difix_spec(spec: str) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
-# ---------------------------------------------------------------------------------- training a Difix (full mode)
+# ---------------------------------------------------------------------------------- stages
 
 
 def build_scenes(bench: BenchQuality, book: StageBook, kind: str, seeds) -> list[tuple[Path, dict]]:
@@ -383,109 +362,6 @@ def build_scenes(bench: BenchQuality, book: StageBook, kind: str, seeds) -> list
 
         scenes.append((folder, book.ensure(folder, {"seed": seed, "width": bench.width, "height": bench.height}, make)))
     return scenes
-
-
-def curate_pairs(bench: BenchQuality, book: StageBook, train_scenes: list[tuple[Path, dict]]) -> tuple[Path, dict]:
-    from difix3d.curation import CurateConfig, curate
-
-    folder = bench.work / "curated"
-
-    def make():
-        log(f"curating {bench.curate_strategies} pairs from {len(train_scenes)} training scene(s)")
-        before = children_cpu()  # curate runs its own subprocesses; nothing else runs now
-        result = curate(
-            CurateConfig(
-                scene=[scene for scene, _ in train_scenes], out=folder, strategies=bench.curate_strategies,
-                steps=bench.curate_steps, reconstructor="nerfstudio", device="cpu", test_fraction=0.1,
-            )
-        )  # fmt: skip
-        add_children_cpu(children_cpu() - before)
-        log(f"dataset: {result.num_train} train / {result.num_test} test pairs")
-
-    settings = {"strategies": bench.curate_strategies, "steps": bench.curate_steps, "test_fraction": 0.1}
-    record = book.ensure(folder, settings, make, inputs=tuple(record for _, record in train_scenes))
-    return folder / "dataset.json", record
-
-
-def pretrain_autoencoder(bench: BenchQuality, book: StageBook, dataset: Path, dataset_record: dict) -> tuple[Path, dict]:
-    """A `tiny` Difix whose VAE (encoder, decoder base weights, skip convs; LoRA and UNet untouched)
-    is trained as a plain autoencoder (L2, posterior mean, no KL) on every image of the dataset."""
-    folder = bench.work / "difix_init"
-
-    def make():
-        import torch.nn.functional as F
-
-        from difix3d.checkpoint import save_pretrained
-        from difix3d.model import Difix
-
-        log(f"pretraining the tiny Difix's autoencoder for {bench.autoencoder_steps} steps")
-        content = json.loads(dataset.read_text())
-        files = sorted({dataset.parent / pair[key] for split in content.values() for pair in split.values()
-                        for key in ("image", "target_image", "ref_image") if pair.get(key)})  # fmt: skip
-        images = torch.stack([load_rgb(file) for file in files]) * 2 - 1
-        difix = Difix.from_config("tiny")
-        parameters = [p for name, p in difix.vae.named_parameters() if "lora_" not in name]
-        for parameter in parameters:
-            parameter.requires_grad_(True)
-        optimizer = torch.optim.AdamW(parameters, lr=bench.autoencoder_lr, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(0)
-        crop = min(bench.difix_crop, images.shape[-2], images.shape[-1]) // 8 * 8
-        difix.train()
-        for step in range(bench.autoencoder_steps):
-            index = torch.randint(len(images), (4,), generator=generator)
-            top = int(torch.randint(images.shape[-2] - crop + 1, (1,), generator=generator))
-            left = int(torch.randint(images.shape[-1] - crop + 1, (1,), generator=generator))
-            batch = images[index, :, top : top + crop, left : left + crop]
-            loss = F.mse_loss(difix.decode(*difix.encode(batch)), batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step % 100 == 0 or step == bench.autoencoder_steps - 1:
-                log(f"autoencoder step {step}: L2 {loss.item():.5f} (~{10 * np.log10(4 / loss.item()):.1f} dB)")
-        difix._freeze()
-        save_pretrained(difix.eval(), folder)
-
-    settings = {"steps": bench.autoencoder_steps, "lr": bench.autoencoder_lr, "crop": bench.difix_crop}
-    return folder, book.ensure(folder, settings, make, inputs=(dataset_record,))
-
-
-def train_difix(bench: BenchQuality, book: StageBook, dataset: Path, dataset_record: dict) -> tuple[Path, dict]:
-    """The trained tiny Difix folder and its training record (steps, losses, time)."""
-    from difix3d.training import TrainConfig, train
-
-    start, start_record = pretrain_autoencoder(bench, book, dataset, dataset_record)
-    folder = bench.work / "difix"
-    training_path = bench.work / "difix_training.json"
-
-    def make():
-        log(f"training the tiny Difix for {bench.difix_steps} steps")
-        started = time.perf_counter()
-        result = train(
-            TrainConfig(
-                dataset=dataset, output=folder, model=str(start.resolve()), perceptual_backbone="random",
-                lambda_lpips=bench.lambda_lpips, lambda_gram=bench.lambda_gram, gram_warmup_steps=0,
-                steps=bench.difix_steps, crop_size=bench.difix_crop, learning_rate=bench.difix_lr,
-                eval_every=max(bench.difix_steps // 4, 1), checkpoint_every=max(bench.difix_steps // 4, 1),
-                resume=(folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("step-*")),
-            )
-        )  # fmt: skip
-        write_json(training_path, {
-            "steps": result.final_step,
-            "seconds_this_session": round(time.perf_counter() - started, 1),
-            "final_loss": result.losses[-1] if result.losses else None,
-            "evaluations": result.evaluations,
-            "dataset_pairs": {split: len(pairs) for split, pairs in json.loads(dataset.read_text()).items()},
-        })  # fmt: skip
-
-    settings = {
-        "steps": bench.difix_steps, "crop": bench.difix_crop, "lr": bench.difix_lr,
-        "lambda_lpips": bench.lambda_lpips, "lambda_gram": bench.lambda_gram,
-    }  # fmt: skip
-    book.ensure(folder, settings, make, inputs=(dataset_record, start_record))
-    return folder, json.loads(training_path.read_text())
-
-
-# ---------------------------------------------------------------------------------- evaluation stages
 
 
 def ns_train(bench: BenchQuality, scene: Path, run_root: Path, seed: int, *extra: str | Path) -> Path:
@@ -546,7 +422,8 @@ class SceneRuns:
     records: list[dict] = field(default_factory=list)
 
 
-def evaluate_scene(bench: BenchQuality, book: StageBook, scene: Path, scene_record: dict, difix_spec: str, difix_id: str, get_difix) -> SceneRuns:
+def plain_runs(bench: BenchQuality, book: StageBook, scene: Path, scene_record: dict) -> SceneRuns:
+    """The plain 3DGS repeats of one evaluation scene (one per noise seed): no Difix involved."""
     out = bench.work / "eval" / scene.name
     runs = SceneRuns(scene, records=[scene_record])
     for seed in bench.noise_seeds:
@@ -560,7 +437,12 @@ def evaluate_scene(bench: BenchQuality, book: StageBook, scene: Path, scene_reco
         settings = {"train_seed": seed, "steps": bench.steps, "checkpoint_step": bench.fix_start - 1}
         runs.records.append(book.ensure(folder, settings, make_plain, (scene_record,)))
         runs.plain[seed] = folder
+    return runs
 
+
+def evaluate_scene(bench: BenchQuality, book: StageBook, scene: Path, scene_record: dict, difix_spec: str, difix_id: str, get_difix) -> SceneRuns:
+    runs = plain_runs(bench, book, scene, scene_record)
+    out = bench.work / "eval" / scene.name
     seed = bench.noise_seeds[0]
     plain, plain_record = runs.plain[seed], runs.records[1]
     runs.difix3d = out / f"difix-{difix_id}" / "difix3d"
@@ -859,7 +741,7 @@ def markdown(bench: BenchQuality, report: dict, results: list[dict]) -> str:
             else:
                 cells.append(difference_cell(differences[f"{method} - 3dgs"][metric], metric))
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
-    lines += ["", f"Difix3D+ − Difix3D (the post-render pass alone): "
+    lines += ["", "Difix3D+ − Difix3D (the post-render pass alone): "
               + ", ".join(f"{metric.upper()} {difference_cell(differences['difix3d+ - difix3d'][metric], metric)}" for metric in metrics)]
     if not summary["lpips"]["available"]:
         lines += ["", f"LPIPS: n/a — {summary['lpips']['reason']}."]
@@ -956,40 +838,16 @@ def rounds_plot(results: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def ship(bench: BenchQuality, difix_folder: Path, training: dict, report: dict) -> None:
-    """Copy the trained Difix (config + safetensors) to `bench.ship` with a model card."""
-    from difix3d.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-
-    destination = bench.ship
-    destination.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        shutil.copyfile(difix_folder / name, destination / name)
-    card = (difix_folder / "README.md").read_text()
-    differences = report["summary"]["paired_differences"]
-    table = (bench.results / "quality.md").read_text()
-    destination.joinpath("README.md").write_text(
-        "# difix-tiny-procedural: a small Difix trained on procedural scenes, on the CPU\n\n"
-        "The `tiny` Difix architecture (a few MB; not SD-Turbo), trained from random weights by "
-        "`scripts/bench_quality.py` on (degraded render, clean target, reference) pairs that "
-        f"`difix3d curate` made from {len(bench.train_seeds)} procedural scenes (strategies: "
-        f"{', '.join(bench.curate_strategies)}; {bench.curate_steps}-step reconstructions at "
-        f"{bench.width}x{bench.height}). It knows only those procedural rooms: name `nvidia/difix_ref` "
-        "for photographs. Load it with `load_difix(<this folder>)`.\n\n"
-        f"- **Autoencoder pretraining** (stands in for SD-Turbo's pretrained VAE): encoder, decoder and "
-        f"skip convs, {bench.autoencoder_steps} steps, batch 4, L2, AdamW lr {bench.autoencoder_lr:g}, on "
-        "every image of the dataset; then the encoder is frozen as in Difix.\n"
-        f"- **Difix training**: {training['steps']} steps, batch 1, random {bench.difix_crop}px crops, AdamW lr "
-        f"{bench.difix_lr:g}; λ_LPIPS {bench.lambda_lpips:g}, λ_Gram {bench.lambda_gram:g}; pairs: "
-        f"{training['dataset_pairs']}; {training['seconds_this_session']:.0f} s on a shared 2-core CPU.\n"
-        f"- **Held-out scenes** ({len(bench.eval_seeds)}, seeds {', '.join(map(str, bench.eval_seeds))}), paired "
-        f"differences to plain 3DGS: Difix3D {differences['difix3d - 3dgs']['psnr']['mean']:+.2f} dB, Difix3D+ "
-        f"{differences['difix3d+ - 3dgs']['psnr']['mean']:+.2f} dB, Difix on 3DGS renders "
-        f"{differences['difix_on_3dgs - 3dgs']['psnr']['mean']:+.2f} dB PSNR.\n"
-        f"- **Command**: `{report['command']}`\n\n"
-        "## Benchmark\n\n" + table.split("\n", 2)[2] + "\n## Training record (written by `difix3d train`)\n\n"
-        + card[card.index("- **Started from**") :]
-    )
-    log(f"shipped the trained Difix to {destination}")
+def write_model_card_section(card: Path, report: dict, table: str) -> None:
+    """Replace (or add) the `## Benchmark` section of a model card with this run's report."""
+    text = card.read_text() if card.is_file() else ""
+    start = text.find("\n## Benchmark")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + (text[end:] if end >= 0 else "")
+    section = "\n## Benchmark\n\n" + f"`{report['command']}`\n\n" + table.split("\n", 2)[2]
+    card.write_text(text.rstrip("\n") + "\n" + section)
+    log(f"wrote the benchmark into {card}")
 
 
 def stage_kind(name: str) -> str:
@@ -1011,16 +869,16 @@ def main(bench: BenchQuality) -> dict:
     log(f"code: {describe_code(code)}")
     book = StageBook(bench.work, code, bench.allow_mixed_code)
 
-    training = None
-    if bench.difix is None:
-        train_scenes = build_scenes(bench, book, "train", bench.train_seeds)
-        dataset, dataset_record = curate_pairs(bench, book, train_scenes)
-        difix_folder, training = train_difix(bench, book, dataset, dataset_record)
-        difix_spec = str(difix_folder.resolve())
-        description = f"`tiny`, trained here: {training['steps']} steps on pairs curated from scenes {', '.join(map(str, bench.train_seeds))}"
-    else:
-        difix_spec = resolve_difix_spec(bench.difix)
-        description = f"`{bench.difix}` (given; evaluated without training)"
+    if bench.baselines_only:
+        eval_scenes = build_scenes(bench, book, "eval", bench.eval_seeds)
+        with ThreadPoolExecutor(max_workers=max(bench.jobs, 1)) as pool:
+            for future in [pool.submit(plain_runs, bench, book, scene, record) for scene, record in eval_scenes]:
+                future.result()
+        log(f"baselines done ({len(eval_scenes)} scenes x {len(bench.noise_seeds)} seeds); run again with --difix to evaluate one")
+        return {}
+
+    difix_spec = resolve_difix_spec(bench.difix)
+    description = f"`{bench.difix}`"
     difix_id = difix_identity(difix_spec)
     log(f"Difix {difix_spec} (id {difix_id})")
 
@@ -1054,9 +912,8 @@ def main(bench: BenchQuality) -> dict:
     report = {
         "command": command,
         "code": {"current": code, "stages": book.code_versions()},
-        "difix": {"spec": difix_spec if bench.difix is None else bench.difix, "id": difix_id, "description": description},
+        "difix": {"spec": bench.difix, "id": difix_id, "description": description},
         "settings": jsonable(dataclasses.asdict(bench)),
-        "difix_training": training,
         "summary": summary,
         "targets": targets(summary),
         "scenes": [{k: v for k, v in r.items() if k != "paths"} for r in results],
@@ -1074,8 +931,8 @@ def main(bench: BenchQuality) -> dict:
     (bench.results / "quality.md").write_text(markdown(bench, report, results))
     iio.imwrite(bench.results / "quality_grid.png", grid_image(bench, results, {s.name: s for s, _ in eval_scenes}))
     rounds_plot(results, bench.results / "quality_rounds.png")
-    if bench.ship is not None:
-        ship(bench, Path(difix_spec), training, report)
+    if bench.model_card is not None:
+        write_model_card_section(bench.model_card, report, (bench.results / "quality.md").read_text())
     print(json.dumps({"code": code, "difix": report["difix"], "summary": {k: summary[k] for k in ("methods", "paired_differences", "difix_on_training_views")},
                       "noise_floor_seed_std": summary["noise_floor"]["seed_std"], "targets": report["targets"]}, indent=1))  # fmt: skip
     return report

@@ -8,7 +8,9 @@ Stages (each skipped when its result is on disk, so the job can span sessions):
 3. autoencoder: the VAE (encoder, decoder, skip convs) of a fresh `--architecture` Difix trained as an
    autoencoder on the scenes' clean views, checked on held-out scenes (`difix3d.autoencoder`); it
    needs no pairs, so it can run beside stage 2 (`--stages autoencoder`);
-4. difix: `difix3d train` from that start, with the paper's loss (L2 + LPIPS + Gram on ImageNet VGG-16).
+4. difix: `difix3d train` from that autoencoder made image-preserving (`difix3d.autoencoder.identity_start`:
+   it begins by reproducing its input and learns corrections), with the paper's loss (L2 + LPIPS +
+   Gram on ImageNet VGG-16).
 
 Each stage adds its figures (CPU seconds, autoencoder PSNR, Difix scores) to WORK/record.json.
 """
@@ -147,6 +149,17 @@ def train_autoencoder(settings: Settings) -> Path:
     return folder
 
 
+def identity_start_folder(settings: Settings, autoencoder: Path) -> Path:
+    """The Difix stage's starting point: the autoencoder stage's model, made to reproduce its input."""
+    from difix3d.autoencoder import identity_start
+    from difix3d.checkpoint import WEIGHTS_FILE, load_difix, save_pretrained
+
+    folder = settings.work / "difix_start"
+    if not (folder / WEIGHTS_FILE).is_file():
+        save_pretrained(identity_start(load_difix(str(autoencoder), device="cpu")), folder)
+    return folder
+
+
 def train_difix(settings: Settings, dataset: Path, start: Path) -> None:
     from difix3d.training import TrainConfig, train
 
@@ -184,7 +197,8 @@ def main(settings: Settings) -> None:
         from difix3d.curation import assemble_dataset
 
         assemble_dataset(settings.work / "pairs", test_fraction=TEST_FRACTION)
-        train_difix(settings, settings.work / "pairs" / "dataset.json", settings.work / "autoencoder")
+        start = identity_start_folder(settings, settings.work / "autoencoder")
+        train_difix(settings, settings.work / "pairs" / "dataset.json", start)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""scripts/bench_quality.py at toy size (its numbers mean nothing): every report, resuming, the
-evaluate-only mode, repeatable stages, and refusing stages made by other code."""
+"""scripts/bench_quality.py at toy size (its numbers mean nothing): every report, the baselines-only
+mode and reusing its stages, repeatable stages, and refusing stages made by other code."""
 
 from __future__ import annotations
 
@@ -31,10 +31,19 @@ def scores(results: Path) -> dict:
 @pytest.mark.slow
 def test_quick_benchmark_reports_resumes_repeats_and_refuses_other_code(tmp_path: Path):
     work, results = tmp_path / "work", tmp_path / "results"
-    first = bench("--ship", tmp_path / "shipped", work=work, results=results)
+    # The Difix-independent stages first (as while a Difix trains), then a Difix reuses them.
+    baselines = bench("--baselines-only", work=work, results=results)
+    assert baselines.returncode == 0, baselines.stderr[-3000:]
+    assert not results.exists()
+    card = tmp_path / "card" / "README.md"
+    card.parent.mkdir()
+    card.write_text("# A model\n\n## Benchmark\n\nold numbers\n\n## Training\n\nkept\n")
+    first = bench("--difix", "random-tiny-architecture", "--model-card", card, work=work, results=results)
     assert first.returncode == 0, first.stderr[-3000:]
 
     report = json.loads((results / "quality.json").read_text())
+    ran = report["timing"]["stages_run_now"]
+    assert ran and all("/difix-random-tiny-architecture-" in name for name in ran), ran
     summary = report["summary"]
     assert set(summary["methods"]) == set(METHODS)
     assert {"mean", "std"} <= set(summary["methods"]["difix3d+"]["psnr"])
@@ -55,23 +64,16 @@ def test_quick_benchmark_reports_resumes_repeats_and_refuses_other_code(tmp_path
     assert report["code"]["current"]["commit"][:12] in markdown and "| Difix3D+ |" in markdown
     assert iio.imread(results / "quality_grid.png").shape[1] == 5 * (80 + 4)  # GT | 3DGS | Difix3D | Difix3D+ | Difix on 3DGS
     assert (results / "quality_rounds.png").stat().st_size > 0
-    from difix3d.checkpoint import load_difix
-
-    load_difix(tmp_path / "shipped")  # the shipped folder loads
-    assert "Benchmark" in (tmp_path / "shipped" / "README.md").read_text()
-
-    # Evaluate-only: another Difix in the same work folder reuses every plain 3DGS stage.
-    other = bench("--difix", "random-tiny-architecture", work=work, results=tmp_path / "results_tiny")
-    assert other.returncode == 0, other.stderr[-3000:]
-    ran = json.loads((tmp_path / "results_tiny" / "quality.json").read_text())["timing"]["stages_run_now"]
-    assert ran and all("/difix-random-tiny-architecture-" in name for name in ran), ran
+    written = card.read_text()
+    assert "old numbers" not in written and "| Difix3D+ |" in written and written.count("## Benchmark") == 1
+    assert "## Training\n\nkept" in written
 
     # The same stages run again give the same numbers.
     scene_dir = work / "eval" / "eval_1000"
     shutil.rmtree(scene_dir / "plain_seed0")
-    for folder in scene_dir.glob("difix-difix-*"):
+    for folder in scene_dir.glob("difix-*"):
         shutil.rmtree(folder)
-    again = bench(work=work, results=tmp_path / "results_again")
+    again = bench("--difix", "random-tiny-architecture", work=work, results=tmp_path / "results_again")
     assert again.returncode == 0, again.stderr[-3000:]
     ran = json.loads((tmp_path / "results_again" / "quality.json").read_text())["timing"]["stages_run_now"]
     assert "eval/eval_1000/plain_seed0" in ran and any(name.endswith("/difix3d") for name in ran)
@@ -82,9 +84,9 @@ def test_quick_benchmark_reports_resumes_repeats_and_refuses_other_code(tmp_path
     record = json.loads(record_path.read_text())
     record["code"] = {"commit": "0" * 40, "dirty": False, "code_hash": "another-code"}
     record_path.write_text(json.dumps(record))
-    refused = bench(work=work, results=tmp_path / "results_mixed")
+    refused = bench("--difix", "random-tiny-architecture", work=work, results=tmp_path / "results_mixed")
     assert refused.returncode != 0 and "other code" in refused.stderr and "Traceback" not in refused.stderr
-    mixed = bench("--allow-mixed-code", work=work, results=tmp_path / "results_mixed")
+    mixed = bench("--difix", "random-tiny-architecture", "--allow-mixed-code", work=work, results=tmp_path / "results_mixed")
     assert mixed.returncode == 0, mixed.stderr[-3000:]
     versions = json.loads((tmp_path / "results_mixed" / "quality.json").read_text())["code"]["stages"]
     assert {version["commit"] for version in versions} == {"0" * 40, report["code"]["current"]["commit"]}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from difix3d.autoencoder import AutoencoderConfig, autoencoder_psnr, pretrain_autoencoder
+from difix3d.autoencoder import AutoencoderConfig, autoencoder_psnr, identity_start, pretrain_autoencoder, reconstruct
 from difix3d.curation import CurateConfig, curate
 from difix3d.errors import Difix3DError
 from difix3d.ground_truth_pairs import GroundTruthPairsConfig, novel_poses
@@ -97,3 +97,27 @@ def test_autoencoder_resumes_exactly_from_its_checkpoint(tmp_path, monkeypatch):
     resumed = pretrain_autoencoder(Difix.from_config("tiny"), images, config, progress=False, checkpoint=checkpoint, checkpoint_every=3)
     for (name, a), b in zip(straight.vae.state_dict().items(), resumed.vae.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_identity_start_makes_difix_reproduce_its_autoencoder():
+    difix = Difix.from_config("tiny")
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    pretrain_autoencoder(difix, images, AutoencoderConfig(steps=2, batch_size=2, crop=32), progress=False)
+    with torch.no_grad():
+        expected = reconstruct(difix, images).clamp(-1, 1)
+        assert not torch.allclose(difix(images[:, None]), expected, atol=1e-3)
+        identity_start(difix)
+        assert torch.allclose(difix(images[:, None]), expected, atol=1e-5)
+        with_reference = torch.stack([images, images.flip(0)], dim=1)
+        assert torch.allclose(difix(with_reference), expected, atol=1e-5)
+
+
+def test_autoencoder_resumed_with_more_steps_stretches_its_schedule(tmp_path):
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    checkpoint = tmp_path / "autoencoder.pt"
+    short = AutoencoderConfig(steps=3, batch_size=2, crop=24, learning_rate=1e-3)
+    pretrain_autoencoder(Difix.from_config("tiny"), images, short, progress=False, checkpoint=checkpoint, checkpoint_every=3)
+    longer = AutoencoderConfig(**{**vars(short), "steps": 6})
+    pretrain_autoencoder(Difix.from_config("tiny"), images, longer, progress=False, checkpoint=checkpoint, checkpoint_every=3)
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["step"] == 6 and state["schedule"]["T_max"] == 6

@@ -212,6 +212,13 @@ def test_truncated_colmap_model_is_named(tiny_scene, tmp_path):
     parser = Difix3DColmapDataParserConfig(data=scene, colmap_path=Path("sparse/0")).setup()
     with pytest.raises(Difix3DError, match=f"{cameras} is truncated or corrupt"):
         parser.get_dataparser_outputs("train")
+
+
+@pytest.mark.slow  # starts ns-train
+def test_truncated_colmap_model_is_one_line_in_ns_train(tiny_scene, tmp_path):
+    scene = copy_scene(tiny_scene, tmp_path / "scene")
+    cameras = scene / "sparse" / "0" / "cameras.bin"
+    cameras.write_bytes(cameras.read_bytes()[:30])
     result = command(BIN / "ns-train", "difix3d-gs", "--data", scene, "--output-dir", tmp_path / "out", *CPU)
     assert f"{cameras} is truncated or corrupt" in one_line_error(result, "ns-train")
 
