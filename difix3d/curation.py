@@ -1,9 +1,8 @@
 """Training pairs for Difix from your own COLMAP scenes: `difix3d curate`.
 
-Each strategy reconstructs a scene with the `difix3d-gs` nerfstudio method (Difix off, i.e. plain
-Splatfacto) in a way that degrades it, renders views whose clean photographs exist, and pairs each
-render (input) with its photograph (target) and the nearest clean view the degraded model saw, by
-`difix3d.poses.pose_distance` (reference; never the target itself):
+Each strategy reconstructs a scene in a way that degrades it, renders views whose clean photographs
+exist, and pairs each render (input) with its photograph (target) and the nearest clean view the
+degraded model saw, by `difix3d.poses.pose_distance` (reference; never the target itself):
 
 - `sparse`: train on every n-th view (sorted by name), render the held-out views; reference: the
   nearest training view.
@@ -20,12 +19,10 @@ render (input) with its photograph (target) and the nearest clean view the degra
   fitter, render it at many novel poses and several points of its schedule, and pair the renders with
   the ray-traced truth at those poses (`difix3d.ground_truth_pairs`); needs no COLMAP model.
 
-nerfstudio runs as subprocesses (`ns-train`, `ns-render` next to the running Python), each on a
-derived scene folder: `images/` links to the photographs (plus, for `cycle`, the shifted views),
-`sparse/0` is the scene's reconstruction (for `sparse` and `cross` keeping only the 3D points seen by
-two or more training views, so held-out views add no geometry; for `cycle` with the shifted views
-added as extra images), and `train_list.txt` / `val_list.txt` / `test_list.txt` choose the views
-nerfstudio trains on and renders.
+The reconstructions go through a `difix3d.reconstruction.Reconstructor` (`--reconstructor`): the
+library's own 3DGS fitter (`splats`, the default), or nerfstudio's `difix3d-gs` with Difix off
+(`nerfstudio`, from `nerfstudio_plugin`). For `sparse` and `cross` they keep only the 3D points seen
+by two or more training views, so held-out views add no geometry.
 
 Output folder OUT: `OUT/<scene>/images/` (copies of the targets and references used),
 `OUT/<scene>/<strategy>/<variant>/<view>.png` (renders), `OUT/<scene>/<strategy>.json` (that
@@ -33,9 +30,9 @@ strategy's pairs and parameters: written when the strategy has finished, so a re
 scene is done when all selected strategies are) and `OUT/dataset.json`, the dataset for
 `difix3d train`, rebuilt atomically from every strategy manifest in OUT at the end of each run
 (of a sharded run: see below).
-Its pairs carry extra keys: scene, strategy, variant, step (the nerfstudio step of the checkpoint
-that rendered the input), view, ref_view and the OpenCV camera-to-world poses (COLMAP frame) of the
-target (`pose`) and reference (`ref_pose`), plus `shifted_pose` for `cycle`.
+Its pairs carry extra keys: scene, strategy, variant, step (the training step of the model that
+rendered the input, as the reconstructor counts), view, ref_view and the OpenCV camera-to-world
+poses (COLMAP frame) of the target (`pose`) and reference (`ref_pose`), plus `shifted_pose` for `cycle`.
 Test split rule (applied when dataset.json is built, so changing it needs no new renders): a target
 view goes to "test" when a stable hash of "<scene>/<view>" falls below `test_fraction`, so all pairs
 of a view share a split whatever the scene set or sharding.
@@ -55,18 +52,14 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-import pycolmap
 import torch
 import tyro
 from tqdm.auto import tqdm
@@ -75,14 +68,15 @@ from difix3d.errors import Difix3DError
 from difix3d.model_ids import PROMPT
 from difix3d.poses import pairwise_pose_distance
 from difix3d.files import atomic_write_bytes
-from difix3d.sfm import camera_to_world
+# SceneViews, load_scene and scene_id are used here and re-exported (curation's API before they moved).
+from difix3d.reconstruction import Reconstructor, SceneViews, TrainingViews, load_scene, scene_id  # noqa: F401
 
 Strategy = Literal["sparse", "underfit", "cross", "cycle", "ground-truth"]
 GROUND_TRUTH = "ground-truth"
 DATASET_FILE = "dataset.json"
 SHARDS_FOLDER = "shards"
-_LOG_TAIL_CHARS = 2000
-_NEVER = 1_000_000_000  # an evaluation interval nerfstudio never reaches
+# A manifest without a recorded reconstructor was made when nerfstudio was the only one.
+_RECORDED_BEFORE_CHOICE = "nerfstudio"
 
 
 @dataclass
@@ -122,33 +116,15 @@ class CurateConfig:
     """"i/n": process only scenes i, i+n, i+2n, ... (0-based), e.g. one job of an array of n."""
     overwrite: bool = False
     """Redo the selected strategies of the selected scenes even when finished."""
+    reconstructor: Literal["splats", "nerfstudio"] = "splats"
+    """How scenes are reconstructed: the library's 3DGS fitter (`difix3d.gaussians`; undistorted
+    cameras only), or nerfstudio's `difix3d-gs` method with Difix off (plain Splatfacto)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """nerfstudio's device ("auto": CUDA when available)."""
+    """The reconstructor's device ("auto": CUDA when available)."""
     downscale_factor: int = 1
     """Train and render at 1/f resolution; f > 1 needs the scene's images_<f>/ folder."""
     keep_work: bool = False
-    """Keep the derived scenes and nerfstudio runs (OUT/<scene>/work/) after a strategy finishes."""
-
-
-@dataclass(frozen=True)
-class SceneViews:
-    """The registered views of a COLMAP scene, sorted by image name."""
-
-    root: Path
-    names: list[str]
-    poses: np.ndarray  # [N, 4, 4] OpenCV camera-to-world, COLMAP frame
-    camera_ids: list[int]
-
-    @property
-    def id(self) -> str:
-        return scene_id(self.root)
-
-    def image_path(self, name: str) -> Path:
-        return self.root / "images" / name
-
-    def index(self, names: Sequence[str]) -> list[int]:
-        position = {name: i for i, name in enumerate(self.names)}
-        return [position[name] for name in names]
+    """Keep the reconstructors' working files (OUT/<scene>/work/) after a strategy finishes."""
 
 
 @dataclass
@@ -178,9 +154,12 @@ class CurateResult:
 # ------------------------------------------------------------------------------------ public API
 
 
-def curate(config: CurateConfig) -> CurateResult:
+def curate(config: CurateConfig, reconstructor: Reconstructor | None = None) -> CurateResult:
     """Curate the scenes of `config` (this shard's), then rebuild OUT/dataset.json from all manifests
-    (with --shard: only once every shard of the array has finished)."""
+    (with --shard: only once every shard of the array has finished).
+
+    `reconstructor`: how to reconstruct scenes (default: the one `config.reconstructor` names, made
+    when the first strategy needs it)."""
     _check_config(config)
     shard_index, num_shards = parse_shard(config.shard)
     # IDs of the whole list: two shards must never write the same scene folder.
@@ -205,6 +184,8 @@ def curate(config: CurateConfig) -> CurateResult:
             manifest = out / scene.id / f"{strategy}.json"
             if manifest.is_file() and not config.overwrite:
                 recorded = json.loads(manifest.read_text())["parameters"]
+                if strategy != GROUND_TRUTH:
+                    recorded.setdefault("reconstructor", _RECORDED_BEFORE_CHOICE)
                 if recorded != strategy_parameters(config, strategy):
                     raise Difix3DError(
                         f"{manifest} was curated with {recorded}, not {strategy_parameters(config, strategy)}; "
@@ -226,8 +207,9 @@ def curate(config: CurateConfig) -> CurateResult:
 
             pairs = curate_ground_truth_scene(scene.root, out, ground_truth_config(config), progress=False)
         else:
+            reconstructor = reconstructor or make_reconstructor(config)
             work = out / scene.id / "work" / strategy
-            renders = _STRATEGIES[strategy](scene, work, config, _Nerfstudio(config, work))
+            renders = _STRATEGIES[strategy](scene, work, config, reconstructor)
             pairs = make_pairs(scene, strategy, renders, out)
             if not config.keep_work:
                 shutil.rmtree(work)
@@ -251,8 +233,9 @@ def curate(config: CurateConfig) -> CurateResult:
 def curate_command(config: Annotated[CurateConfig, tyro.conf.OmitArgPrefixes]) -> None:
     """Curate (degraded render, clean target, reference) pairs from COLMAP scenes for `difix3d train`.
 
-    Reconstructs each scene with nerfstudio (`difix3d-gs`, Difix off) in degraded ways and pairs
-    renders with the photographs; see difix3d/curation.py for the strategies and the output layout.
+    Reconstructs each scene in degraded ways (with the library's 3DGS fitter, or nerfstudio's
+    `difix3d-gs` with Difix off) and pairs renders with the photographs; see difix3d/curation.py for
+    the strategies and the output layout.
     """
     result = curate(config)
     done = f"curated {len(result.curated)} scene strategies, skipped {len(result.skipped)} finished; "
@@ -272,32 +255,19 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def scene_id(root: Path) -> str:
-    """A scene's ID: the name of its resolved folder."""
-    return Path(root).resolve().name
+def make_reconstructor(config: CurateConfig) -> Reconstructor:
+    """The reconstructor `config` names, on its device."""
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if config.reconstructor == "nerfstudio":
+        # Imported only when chosen: the library itself never needs nerfstudio.
+        from nerfstudio_plugin.reconstructor import NerfstudioReconstructor
 
+        return NerfstudioReconstructor(device)
+    from difix3d.reconstruction import SplatReconstructor
 
-def load_scene(root: Path) -> SceneViews:
-    """The registered views of the COLMAP scene at `root` (images/ and sparse/0/)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise Difix3DError(f"scene folder not found: {root}")
-    sparse = root / "sparse" / "0"
-    if not any((sparse / f"cameras.{suffix}").is_file() for suffix in ("bin", "txt")):
-        raise Difix3DError(f"scene {root} has no COLMAP model in sparse/0 (cameras.bin or cameras.txt)")
-    reconstruction = pycolmap.Reconstruction(str(sparse))
-    images = sorted((image for image in reconstruction.images.values() if image.has_pose), key=lambda i: i.name)
-    if len(images) < 3:
-        raise Difix3DError(f"scene {root}: sparse/0 has {len(images)} registered images; curation needs at least 3")
-    missing = [image.name for image in images if not (root / "images" / image.name).is_file()]
-    if missing:
-        raise Difix3DError(f"scene {root}: {len(missing)} registered image(s) missing in images/, e.g. {missing[0]}")
-    return SceneViews(
-        root=root,
-        names=[image.name for image in images],
-        poses=np.stack([camera_to_world(image) for image in images]),
-        camera_ids=[image.camera_id for image in images],
-    )
+    return SplatReconstructor(device)
 
 
 def strategy_parameters(config: CurateConfig, strategy: str) -> dict:
@@ -310,7 +280,7 @@ def strategy_parameters(config: CurateConfig, strategy: str) -> dict:
         "cross": {"cross_group_by": config.cross_group_by, "cross_groups": config.cross_groups},
         "cycle": {"cycle_shift": config.cycle_shift},
     }[strategy]
-    return {"steps": config.steps, "downscale_factor": config.downscale_factor, **own}
+    return {"reconstructor": config.reconstructor, "steps": config.steps, "downscale_factor": config.downscale_factor, **own}
 
 
 def ground_truth_config(config: CurateConfig):
@@ -410,181 +380,42 @@ def is_test_view(scene_id: str, view: str, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
-# --------------------------------------------------------------------------- derived scenes
-
-
-def write_derived_scene(
-    scene: SceneViews,
-    destination: Path,
-    train: Sequence[str],
-    test: Sequence[str],
-    points_from: Sequence[str] | None = None,
-    extra_views: dict[str, tuple[Path, np.ndarray]] | None = None,
-    downscale_factor: int = 1,
-) -> Path:
-    """A nerfstudio COLMAP scene that trains on `train` and renders `test` (view names).
-
-    `images/` links to the scene's photographs (copies of `extra_views` files: name -> (file,
-    OpenCV camera-to-world pose), added to the reconstruction with the first view's camera);
-    with `points_from`, only 3D points seen by at least two of those views are kept.
-    """
-    reconstruction = pycolmap.Reconstruction(str(scene.root / "sparse" / "0"))
-    if points_from is not None:
-        allowed = {reconstruction.find_image_with_name(name).image_id for name in points_from}
-        for point_id, point in list(reconstruction.points3D.items()):
-            if len({element.image_id for element in point.track.elements} & allowed) < 2:
-                reconstruction.delete_point3D(point_id)
-        if reconstruction.num_points3D() == 0:
-            raise Difix3DError(f"scene {scene.id}: no 3D point is seen by two training views; too few training views")
-
-    folders = ["images"] + ([f"images_{downscale_factor}"] if downscale_factor > 1 else [])
-    for folder in folders:
-        if not (scene.root / folder).is_dir():
-            raise Difix3DError(f"scene {scene.id}: --downscale-factor {downscale_factor} needs {scene.root / folder}")
-        for name in scene.names:
-            link = destination / folder / name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to((scene.root / folder / name).resolve())
-
-    camera_id = reconstruction.find_image_with_name(scene.names[0]).camera_id
-    next_id = max(reconstruction.images) + 1
-    for offset, (name, (file, pose)) in enumerate((extra_views or {}).items()):
-        for folder in folders:
-            (destination / folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(file, destination / folder / name)
-        world_to_camera = np.linalg.inv(pose)
-        cam_from_world = pycolmap.Rigid3d(pycolmap.Rotation3d(world_to_camera[:3, :3]), world_to_camera[:3, 3])
-        image = pycolmap.Image(name=name, camera_id=camera_id, image_id=next_id + offset)
-        reconstruction.add_image_with_trivial_frame(image, cam_from_world)
-
-    sparse = destination / "sparse" / "0"
-    sparse.mkdir(parents=True)
-    reconstruction.write(str(sparse))
-    # nerfstudio's COLMAP dataparser takes its splits from these lists (val: evaluation while training).
-    for split, names in (("train", train), ("val", test), ("test", test)):
-        (destination / f"{split}_list.txt").write_text("".join(f"{name}\n" for name in names))
-    return destination
-
-
-def rendered_file(render_dir: Path, split: str, split_names: Sequence[str], name: str) -> Path:
-    """Where `ns-render dataset --rendered-output-names rgb --image-format png` writes view `name`:
-    its path relative to the common folder of the split's images, with a .png suffix."""
-    root = os.path.commonpath([f"images/{view}" for view in split_names])
-    relative = os.path.relpath(f"images/{name}", root)
-    return (render_dir / split / "rgb" / relative).with_suffix(".png")
-
-
-# -------------------------------------------------------------------------------- nerfstudio
-
-
-class _Nerfstudio:
-    """`ns-train` / `ns-render` subprocesses for one strategy; their output goes to log files."""
-
-    def __init__(self, config: CurateConfig, work: Path):
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
-        self.downscale_factor = config.downscale_factor
-        self.work = work
-        self.bin = Path(sys.executable).parent
-        for tool in ("ns-train", "ns-render"):
-            if not (self.bin / tool).exists():
-                raise Difix3DError(f"{tool} not found next to {sys.executable}; install nerfstudio in this environment")
-
-    def train(self, scene_dir: Path, name: str, iterations: int, save_every: int | None = None) -> Path:
-        """Train Splatfacto (difix3d-gs, Difix off) for `iterations` steps; returns the run folder.
-        With `save_every`, every checkpoint at a multiple of it is kept."""
-        saving = ["--steps-per-save", save_every, "--save-only-latest-checkpoint", "False"] if save_every else []
-        self._run(
-            name,
-            self.bin / "ns-train", "difix3d-gs", "--data", scene_dir, "--output-dir", self.work / "runs",
-            "--experiment-name", name, "--timestamp", "run", "--machine.device-type", self.device,
-            "--vis", "tensorboard", "--max-num-iterations", iterations,
-            "--steps-per-eval-image", _NEVER, "--steps-per-eval-all-images", _NEVER, "--steps-per-eval-batch", 0,
-            *saving,
-            "--pipeline.difix.enabled", "False", "--pipeline.model.num-downscales", 0,
-            "colmap", "--colmap-path", "sparse/0", "--downscale-factor", self.downscale_factor,
-        )  # fmt: skip
-        return self.work / "runs" / name / "difix3d-gs" / "run"
-
-    def render(self, run_dir: Path, split: str, split_names: Sequence[str], step: int | None = None) -> dict[str, Path]:
-        """Render a split of a trained run (the latest checkpoint, or `step`'s); view name -> PNG."""
-        config = run_dir / "config.yml"
-        label = "latest" if step is None else f"step{step:09d}"
-        if step is not None:
-            text, count = re.subn(r"^load_step: null$", f"load_step: {step}", config.read_text(), flags=re.MULTILINE)
-            if count != 1:
-                raise Difix3DError(f"cannot select checkpoint step {step} in {config}: no top-level 'load_step: null'")
-            config = run_dir / f"config_{label}.yml"
-            config.write_text(text)
-        output = run_dir / "renders" / label
-        self._run(
-            f"render_{run_dir.parts[-3]}_{label}",
-            self.bin / "ns-render", "dataset", "--load-config", config, "--split", split,
-            "--rendered-output-names", "rgb", "--image-format", "png", "--output-path", output,
-        )  # fmt: skip
-        files = {name: rendered_file(output, split, split_names, name) for name in split_names}
-        missing = [str(path) for path in files.values() if not path.is_file()]
-        if missing:
-            raise Difix3DError(f"ns-render wrote no {missing[0]} ({len(missing)} render(s) missing)")
-        return files
-
-    def _run(self, name: str, *command) -> None:
-        log = self.work / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as file:
-            completed = subprocess.run(
-                [str(part) for part in command],
-                stdin=subprocess.DEVNULL,  # nerfstudio would otherwise wait for answers to its prompts
-                stdout=file,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            )
-        if completed.returncode != 0:
-            tail = log.read_text()[-_LOG_TAIL_CHARS:].strip().splitlines()
-            last = tail[-1] if tail else ""
-            raise Difix3DError(f"{Path(str(command[0])).name} failed (exit {completed.returncode}; log {log}): {last}")
-
-
 # -------------------------------------------------------------------------------- strategies
 
 
-def _sparse(scene: SceneViews, work: Path, config: CurateConfig, nerfstudio: _Nerfstudio) -> list[Render]:
+def _sparse(scene: SceneViews, work: Path, config: CurateConfig, reconstructor: Reconstructor) -> list[Render]:
     train, held_out = sparse_split(scene.names, config.sparse_every)
     if len(train) < 2 or not held_out:
         raise Difix3DError(
             f"scene {scene.id}: --sparse-every {config.sparse_every} over {len(scene.names)} views leaves "
             f"{len(train)} training and {len(held_out)} held-out views; need at least 2 and 1"
         )
-    data = write_derived_scene(scene, work / "scene", train, held_out, train, None, config.downscale_factor)
-    run = nerfstudio.train(data, "sparse", config.steps)
-    files = nerfstudio.render(run, "test", held_out)
+    views = TrainingViews(scene, train, held_out, points_from=train, downscale_factor=config.downscale_factor)
+    files = reconstructor.render(reconstructor.train(views, work / "sparse", config.steps), held_out)
     variant = f"every{config.sparse_every}"
-    return [Render(view, files[view], config.steps - 1, variant, train) for view in held_out]
+    return [Render(view, files[view], config.steps, variant, train) for view in held_out]
 
 
-def _underfit(scene: SceneViews, work: Path, config: CurateConfig, nerfstudio: _Nerfstudio) -> list[Render]:
+def _underfit(scene: SceneViews, work: Path, config: CurateConfig, reconstructor: Reconstructor) -> list[Render]:
     steps = underfit_steps(config.steps, config.underfit_fractions)
-    data = write_derived_scene(scene, work / "scene", scene.names, scene.names, None, None, config.downscale_factor)
-    run = nerfstudio.train(data, "underfit", steps[-1] + 1, save_every=math.gcd(*steps))
+    views = TrainingViews(scene, scene.names, scene.names, downscale_factor=config.downscale_factor)
+    reconstruction = reconstructor.train(views, work / "underfit", steps[-1], checkpoint_steps=steps)
     renders = []
     for step in steps:
-        files = nerfstudio.render(run, "test", scene.names, step)
+        files = reconstructor.render(reconstruction, scene.names, step)
         renders += [Render(view, files[view], step, f"step{step:06d}", scene.names) for view in scene.names]
     return renders
 
 
-def _cross(scene: SceneViews, work: Path, config: CurateConfig, nerfstudio: _Nerfstudio) -> list[Render]:
+def _cross(scene: SceneViews, work: Path, config: CurateConfig, reconstructor: Reconstructor) -> list[Render]:
     groups = camera_groups(scene, config.cross_group_by, config.cross_groups)
     train, others = groups[0], sorted(name for group in groups[1:] for name in group)
-    data = write_derived_scene(scene, work / "scene", train, others, train, None, config.downscale_factor)
-    run = nerfstudio.train(data, "cross", config.steps)
-    files = nerfstudio.render(run, "test", others)
-    return [Render(view, files[view], config.steps - 1, f"groups{len(groups)}", train) for view in others]
+    views = TrainingViews(scene, train, others, points_from=train, downscale_factor=config.downscale_factor)
+    files = reconstructor.render(reconstructor.train(views, work / "cross", config.steps), others)
+    return [Render(view, files[view], config.steps, f"groups{len(groups)}", train) for view in others]
 
 
-def _cycle(scene: SceneViews, work: Path, config: CurateConfig, nerfstudio: _Nerfstudio) -> list[Render]:
+def _cycle(scene: SceneViews, work: Path, config: CurateConfig, reconstructor: Reconstructor) -> list[Render]:
     offset = config.cycle_shift * neighbour_spacing(scene.poses[:, :3, 3])
     shifted = {
         name: shift_sideways(pose, offset if number % 2 == 0 else -offset)
@@ -592,33 +423,31 @@ def _cycle(scene: SceneViews, work: Path, config: CurateConfig, nerfstudio: _Ner
     }
     shifted_names = {name: _shifted_name(name) for name in scene.names}
 
-    # First model: the originals; its "test" views are the shifted poses (placeholder photographs,
-    # never read as targets).
+    # First model: the originals; it renders the shifted poses (added as views whose image files are
+    # placeholders of the training resolution, never read as targets).
     folder = scene.root / ("images" if config.downscale_factor == 1 else f"images_{config.downscale_factor}")
     placeholders = {shifted_names[name]: (folder / name, shifted[name]) for name in scene.names}
-    first_data = write_derived_scene(
-        scene, work / "scene_first", scene.names, list(placeholders), None, placeholders, config.downscale_factor
-    )
-    first = nerfstudio.train(first_data, "cycle_first", config.steps)
-    shifted_renders = nerfstudio.render(first, "test", list(placeholders))
+    first_views = TrainingViews(scene, scene.names, list(placeholders), extra_views=placeholders,
+                                downscale_factor=config.downscale_factor)  # fmt: skip
+    first = reconstructor.train(first_views, work / "cycle_first", config.steps)
+    shifted_renders = reconstructor.render(first, list(placeholders))
 
     # Second model: the shifted renders alone; renders the original poses.
     renders_as_views = {shifted_names[name]: (shifted_renders[shifted_names[name]], shifted[name]) for name in scene.names}
-    second_data = write_derived_scene(
-        scene, work / "scene_second", list(renders_as_views), scene.names, None, renders_as_views, config.downscale_factor
-    )
-    second = nerfstudio.train(second_data, "cycle_second", config.steps)
-    files = nerfstudio.render(second, "test", scene.names)
+    second_views = TrainingViews(scene, list(renders_as_views), scene.names, extra_views=renders_as_views,
+                                 downscale_factor=config.downscale_factor)  # fmt: skip
+    second = reconstructor.train(second_views, work / "cycle_second", config.steps)
+    files = reconstructor.render(second, scene.names)
     variant = f"shift{config.cycle_shift:g}"
     return [
-        Render(view, files[view], config.steps - 1, variant, scene.names, _pose_list(shifted[view]))
+        Render(view, files[view], config.steps, variant, scene.names, _pose_list(shifted[view]))
         for view in scene.names
     ]
 
 
 def _shifted_name(name: str) -> str:
-    # Split lists match by exact name, so the shifted views need names of their own; nerfstudio's
-    # renders are PNG whatever the photographs' format.
+    # Views are known by name, so the shifted ones need names of their own; renders are PNG whatever
+    # the photographs' format.
     return str(Path(name).with_name(f"cycle_shifted_{Path(name).stem}.png"))
 
 

@@ -25,6 +25,9 @@ from difix3d.metrics import ssim
 from difix3d.rasterize import rasterization
 
 SH_C0 = 0.28209479177387814  # degree-0 spherical-harmonics constant: colour = SH_C0 * sh0 + 0.5
+# Splatfacto renders uncovered pixels in this colour at evaluation (viser's background); the library's
+# renders do the same, so that they look like the ones Difix gets from `difix3d-gs`.
+EVAL_BACKGROUND = (0.1490, 0.1647, 0.2157)
 
 
 @dataclass
@@ -119,7 +122,7 @@ def render_splats(
 
 
 def fit_splats(
-    images: Tensor,
+    images: Tensor | Sequence[Tensor],
     camera_to_world: Tensor,
     K: Tensor,
     points: Tensor,
@@ -128,8 +131,11 @@ def fit_splats(
     on_step: Callable[[int, torch.nn.ParameterDict], None] | None = None,
     snapshot_steps: Sequence[int] = (),
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> torch.nn.ParameterDict:
-    """Fits Gaussians to `images` [N, H, W, 3] in [0, 1] seen from poses [N, 4, 4] with K [N, 3, 3].
+    """Fits Gaussians to `images` [N, H, W, 3] in [0, 1] (or N tensors [H, W, 3] of any sizes) seen
+    from poses [N, 4, 4] with K [N, 3, 3], on `device` (random draws stay on the CPU, so a seed gives
+    the same views and backgrounds on any device).
 
     `on_step(step, params)` is called after the optimiser step for every step in `snapshot_steps`
     (1-based: after that many steps), e.g. to render an under-trained model.
@@ -141,7 +147,8 @@ def fit_splats(
     scene_scale = float((centres - centres.mean(dim=0)).norm(dim=-1).max()) * 1.1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        params = params_from_points(points, colors, config.sh_degree, config.init_opacity)
+        params = params_from_points(points, colors, config.sh_degree, config.init_opacity).to(device)
+    camera_to_world, K = camera_to_world.to(device), K.to(device)
     optimizers = splat_optimizers(params, scene_scale)
     decay = config.means_lr_decay ** (1 / config.means_lr_decay_steps)
     means_schedule = torch.optim.lr_scheduler.ExponentialLR(optimizers["means"], gamma=decay)
@@ -154,16 +161,16 @@ def fit_splats(
     )
     strategy.check_sanity(params, optimizers)
     state = strategy.initialize_state(scene_scale=scene_scale)
-    height, width = images.shape[1:3]
     snapshots = set(snapshot_steps)
     for step in tqdm(range(config.steps), desc="3DGS", unit="step", disable=not progress, leave=False):
         index = int(torch.randint(len(images), (1,), generator=generator))
-        background = torch.rand(1, 3, generator=generator)
+        background = torch.rand(1, 3, generator=generator).to(device)
         sh_degree = min(step // config.sh_degree_interval, config.sh_degree)
+        target = images[index][None].to(device)
+        height, width = target.shape[1:3]
         rgb, _, info = render_splats(params, camera_to_world[index : index + 1], K[index : index + 1], width, height,
                                      sh_degree, background, packed=False)  # fmt: skip
         rgb = rgb.clamp(0, 1)
-        target = images[index : index + 1]
         l1 = (rgb - target).abs().mean()
         ssim_loss = 1 - ssim(rgb.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2))
         loss = (1 - config.ssim_lambda) * l1 + config.ssim_lambda * ssim_loss

@@ -30,15 +30,13 @@ import numpy as np
 import torch
 
 from difix3d.errors import Difix3DError
-from difix3d.gaussians import SplatFitConfig, fit_splats, render_splats, seed_points_from_depth
+from difix3d.gaussians import EVAL_BACKGROUND, SplatFitConfig, fit_splats, render_splats, seed_points_from_depth
+from difix3d.images import from_uint8, to_uint8
 from difix3d.model_ids import PROMPT
 from difix3d.poses import nearest_poses, quaternion_slerp, matrix_to_quaternion, quaternion_to_matrix
 from difix3d.scenes import GroundTruth, load_ground_truth, look_at
 
 STRATEGY = "ground-truth"
-# Splatfacto renders uncovered pixels in this colour at evaluation (viser's background): the engine
-# does the same so that its renders look like the ones Difix gets from `difix3d-gs`.
-RENDER_BACKGROUND = (0.1490, 0.1647, 0.2157)
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ def curate_ground_truth_scene(scene_dir: Path, out: Path, config: GroundTruthPai
     train_frames = [frame for frame in ground_truth.frames if frame.split == "train"]
     if not train_frames:
         raise Difix3DError(f"scene {scene_dir} has no training views")
-    images = np.stack([iio.imread(scene_dir / frame.file_path)[..., :3] for frame in train_frames]).astype(np.float32) / 255
+    images = from_uint8(np.stack([iio.imread(scene_dir / frame.file_path)[..., :3] for frame in train_frames]))
     train_poses = np.stack([frame.camera_to_world for frame in train_frames])
     K = np.broadcast_to(intrinsics.matrix(), (len(train_frames), 3, 3))
 
@@ -114,7 +112,7 @@ def curate_ground_truth_scene(scene_dir: Path, out: Path, config: GroundTruthPai
 
     novel = torch.from_numpy(np.stack([poses[name] for name in names])).float()
     novel_K = torch.from_numpy(np.broadcast_to(intrinsics.matrix(), (len(names), 3, 3)).copy()).float()
-    background = torch.tensor([RENDER_BACKGROUND])
+    background = torch.tensor([EVAL_BACKGROUND])
 
     def render_snapshot(step: int, params) -> None:
         folder = strategy_dir / f"step-{step:05d}"
@@ -179,6 +177,6 @@ def _interpolate(start: np.ndarray, end: np.ndarray, fraction: float) -> np.ndar
 def _write_png(path: Path, rgb: np.ndarray) -> None:
     """Atomic: a killed run never leaves a half-written image behind."""
     temporary = path.with_name(f".{path.name}.tmp.png")
-    iio.imwrite(temporary, np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    iio.imwrite(temporary, to_uint8(rgb))
     temporary.replace(path)
 

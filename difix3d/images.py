@@ -62,7 +62,7 @@ def save_image(path: str | Path, image: np.ndarray) -> None:
     an interrupted write never leaves a broken file that a resumed run would take as done."""
     path = Path(path)
     if image.dtype != np.uint8:
-        image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        image = to_uint8(image)
     atomic_write_bytes(path, iio.imwrite("<bytes>", image, extension=path.suffix))
 
 
@@ -92,6 +92,24 @@ def read_video(path: str | Path) -> Iterator[np.ndarray]:
         raise Difix3DError(f"cannot read video {path}: {error}") from None
 
 
+# ------------------------------------------------------------------------------ 8-bit <-> float
+
+
+def to_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Float image(s) in [0, 1] -> uint8, clipped and rounded to nearest; numpy stays numpy, tensors
+    stay tensors (on their device). The one float -> 8-bit conversion of the project."""
+    if isinstance(image, torch.Tensor):
+        return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def from_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """uint8 image(s) -> float32 in [0, 1]; numpy stays numpy, tensors stay tensors. The inverse of `to_uint8`."""
+    if isinstance(image, torch.Tensor):
+        return image.float() / 255
+    return np.asarray(image, dtype=np.float32) / 255
+
+
 # --------------------------------------------------------------------------------- tensors
 
 
@@ -99,7 +117,7 @@ def _as_tensor(images: Any) -> torch.Tensor:
     """Tensor (channels first), numpy array (channels last), PIL image, or a (nested) list of
     them -> float32 tensor [..., 3, H, W] in [0, 1]."""
     if isinstance(images, torch.Tensor):
-        tensor = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        tensor = from_uint8(images) if images.dtype == torch.uint8 else images.float()
         if tensor.ndim < 3 or tensor.shape[-3] not in (1, 3):
             raise Difix3DError(f"image tensors must be [..., 3, H, W], got {list(images.shape)}")
         return tensor.expand(*tensor.shape[:-3], 3, *tensor.shape[-2:]) if tensor.shape[-3] == 1 else tensor
@@ -126,7 +144,7 @@ def _restorer(like: Any, single: bool) -> Callable[[torch.Tensor], Any]:
 
         def restore_tensor(batch: torch.Tensor) -> torch.Tensor:
             batch = batch.to(like.device)
-            batch = (batch * 255).round().to(torch.uint8) if like.dtype == torch.uint8 else batch.to(like.dtype)
+            batch = to_uint8(batch) if like.dtype == torch.uint8 else batch.to(like.dtype)
             return batch[0] if single else batch
 
         return restore_tensor

@@ -410,18 +410,3 @@ class Difix(nn.Module):
         flat = F.pad(flat, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else flat
         fixed = self(flat.unflatten(0, views.shape[:2]))
         return ((fixed[..., :height, :width].float() + 1) / 2).to(views.device)
-
-    # ----------------------------------------------------------------------------- saving
-
-    def save_pretrained(self, directory: str) -> None:
-        """Write config JSON + safetensors weights (see `difix3d.checkpoint.save_pretrained`)."""
-        from difix3d.checkpoint import save_pretrained
-
-        save_pretrained(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Difix:
-        """Load a folder written by `save_pretrained` (see `difix3d.checkpoint.load_difix` for more sources)."""
-        from difix3d.checkpoint import load_pretrained
-
-        return load_pretrained(directory, device=device, dtype=dtype)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from difix3d.checkpoint import DEFAULT_BASE, load_difix
 from difix3d.errors import Difix3DError
-from difix3d.images import to_batch
+from difix3d.images import to_batch, to_uint8
 from difix3d.model import Difix
 
 
@@ -82,4 +82,4 @@ class DifixPipeline:
         arrays = [batch[0].permute(1, 2, 0).cpu().numpy() for batch in fixed]
         if output_type == "np":
             return DifixPipelineOutput(images=arrays)
-        return DifixPipelineOutput(images=[Image.fromarray((a * 255 + 0.5).astype(np.uint8)) for a in arrays])
+        return DifixPipelineOutput(images=[Image.fromarray(to_uint8(a)) for a in arrays])

@@ -13,6 +13,7 @@ image data stays on disk, never in the state.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from difix3d.errors import Difix3DError
 from difix3d.files import atomic_write_bytes
+from difix3d.images import from_uint8, to_uint8
 from difix3d.poses import (
     as_pose,
     interpolate_trajectory,
@@ -339,7 +341,7 @@ class ProgressiveUpdater:
     def load_pseudo_view(self, index: int) -> tuple[Tensor, Tensor]:
         """The fixed image [H, W, 3] (float32 in [0, 1]) and loss mask [H, W, 1] (bool) of a pseudo view."""
         view = self.pseudo_views[index]
-        image = torch.from_numpy(iio.imread(view.round_directory / view.fixed_path)).float() / 255
+        image = from_uint8(torch.from_numpy(iio.imread(view.round_directory / view.fixed_path)))
         mask = torch.from_numpy(iio.imread(view.round_directory / view.mask_path)) > 127
         return image[..., :3], mask.reshape(*mask.shape[:2], 1)
 
@@ -395,9 +397,13 @@ class ProgressiveUpdater:
         raise Difix3DError(f"pseudo views of {recorded.name} not found in {recorded} or {self.output_dir}")
 
     def write_manifest(self) -> Path:
-        """Write `state_dict()` as `<output_dir>/manifest.json` (atomically) and return its path."""
+        """Write `state_dict()` as `<output_dir>/manifest.json` (atomically) and return its path.
+        Round directories are recorded relative to the manifest's folder, so a moved run still reads."""
         path = self.output_dir / MANIFEST_NAME
-        atomic_write_bytes(path, json.dumps(_to_json(self.state_dict()), indent=1).encode())
+        state = self.state_dict()
+        for round_ in state["rounds"]:
+            round_["directory"] = os.path.relpath(round_["directory"], self.output_dir.absolute())
+        atomic_write_bytes(path, json.dumps(_to_json(state), indent=1).encode())
         return path
 
 
@@ -413,6 +419,8 @@ def read_manifest(output_dir: str | Path) -> dict[str, Any]:
     for key in ("target_poses", "current_poses"):
         state[key] = torch.tensor(state[key], dtype=torch.float32)
     for round_ in state["rounds"]:
+        # Relative to the manifest's folder (absolute in manifests of older versions).
+        round_["directory"] = str(path.parent.absolute() / round_["directory"])
         for view in round_["views"]:
             view["pose"] = torch.tensor(view["pose"], dtype=torch.float32)
     return state
@@ -474,7 +482,7 @@ def _to_uint8(image: Tensor) -> np.ndarray:
     image = image.detach()
     if image.ndim != 3 or image.shape[-1] != 3:
         raise Difix3DError(f"images must have shape [H, W, 3], got {list(image.shape)}")
-    return (image.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return to_uint8(image).cpu().numpy()
 
 
 def _mask_to_uint8(mask: Tensor) -> np.ndarray:

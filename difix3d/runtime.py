@@ -1,6 +1,6 @@
 """Process-wide CPU settings, chosen by entry points only (library code never changes them).
 
-Entry points (the `difix3d` CLI, `ns-train difix3d-gs` / `difix3d-nerfacto` through their trainer,
+Entry points (the `difix3d` CLI, nerfstudio's training of `difix3d-gs` / `difix3d-nerfacto` through their trainer,
 the scripts) call `configure_cpu_runtime` once, before the work starts.
 """
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from difix3d.errors import Difix3DError
+from difix3d.images import to_uint8
 
 GENERATOR_NAME = "difix3d.scenes"
 GENERATOR_VERSION = 1
@@ -532,10 +533,6 @@ def load_ground_truth(scene_dir: str | Path) -> GroundTruth:
     return GroundTruth(int(data["seed"]), intrinsics, frames, layout)
 
 
-def _to_uint8(rgb: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-
-
 def _check_arguments(out: Path, width: int, height: int, num_train: int, num_eval: int, overwrite: bool) -> None:
     if not (MIN_WIDTH <= width <= MAX_SIDE and MIN_HEIGHT <= height <= MAX_SIDE):
         raise Difix3DError(
@@ -629,8 +626,8 @@ def build_scene(
             # SfM sees 2x renders; the training image is their 2x2 box average (= a 1x render).
             big = scene.render(frame.camera_to_world, sfm_intrinsics, supersample=2).rgb
             small = big.reshape(height, SFM_RESOLUTION_SCALE, width, SFM_RESOLUTION_SCALE, 3).mean(axis=(1, 3))
-            iio.imwrite(sfm_images / frame.name, _to_uint8(big))
-            iio.imwrite(staging / frame.file_path, _to_uint8(small))
+            iio.imwrite(sfm_images / frame.name, to_uint8(big))
+            iio.imwrite(staging / frame.file_path, to_uint8(small))
         log(f"Rendered {len(frames)} views ({time.perf_counter() - started:.1f} s)")
 
         if sfm:

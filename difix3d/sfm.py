@@ -12,15 +12,21 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import pycolmap
 
 from difix3d.errors import Difix3DError
 
-if TYPE_CHECKING:
-    from difix3d.scenes import Intrinsics
+
+class Intrinsics(Protocol):
+    """A pinhole calibration in pixels (e.g. `difix3d.scenes.Intrinsics`)."""
+
+    fx: float
+    fy: float
+    cx: float
+    cy: float
 
 
 def reconstruct(image_dir: Path, work_dir: Path, intrinsics: Intrinsics, seed: int = 0, log=print) -> pycolmap.Reconstruction:

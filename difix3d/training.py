@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 import tyro
 from safetensors.torch import load_file, save_file
 
+from difix3d.checkpoint import save_pretrained
 from difix3d.errors import Difix3DError
 from difix3d.images import load_image, save_image
 from difix3d.losses import GRAM_LAYER_WEIGHTS, DifixLoss, LossTerms
@@ -467,17 +469,19 @@ class DifixTrainer:
         if self._is_main and pairs:
             model = self.accelerator.unwrap_model(self.model)
             model.eval()
-            scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
+            # The input's scores too: a Difix is only worth its difference to what it was given.
+            scores: dict[str, list[float]] = {f"{prefix}{name}": [] for prefix in ("", "input_") for name in ("psnr", "ssim", "lpips")}
             rows = []
             for pair in pairs:
                 image, target, ref = (None if t is None else t[None].to(self.device) for t in load_pair_images(pair))
                 with self.accelerator.autocast():
                     output = model.fix(image, refs=ref).float().clamp(0, 1)
-                scores["psnr"].append(float(psnr(output, target)))
-                scores["ssim"].append(float(ssim(output, target)) if min(pair.size) >= 11 else math.nan)
-                lpips_value = self.lpips_metric(output, target)
-                if lpips_value is not None:
-                    scores["lpips"].append(float(lpips_value))
+                for prefix, scored in (("", output), ("input_", image.float())):
+                    scores[f"{prefix}psnr"].append(float(psnr(scored, target)))
+                    scores[f"{prefix}ssim"].append(float(ssim(scored, target)) if min(pair.size) >= 11 else math.nan)
+                    lpips_value = self.lpips_metric(scored, target)
+                    if lpips_value is not None:
+                        scores[f"{prefix}lpips"].append(float(lpips_value))
                 if len(rows) < self.config.grid_rows:
                     rows.append([image, output, target, ref])
             metrics = {"step": self.step, "pairs": len(pairs), "lpips_net": self.config.eval_lpips_net}
@@ -487,7 +491,7 @@ class DifixTrainer:
             with (self.output / "eval" / "metrics.jsonl").open("a") as log:
                 log.write(json.dumps(metrics) + "\n")
             if self.writer is not None:
-                for name in ("psnr", "ssim", "lpips"):
+                for name in ("psnr", "ssim", "lpips", "input_psnr", "input_ssim", "input_lpips"):
                     if name in metrics:
                         self.writer.add_scalar(f"eval/{name}", metrics[name], self.step)
                 self.writer.add_image("eval/grid", iio.imread(grid_path), self.step, dataformats="HWC")
@@ -586,7 +590,7 @@ class DifixTrainer:
         self.accelerator.wait_for_everyone()
         if self._is_main:
             model = self.accelerator.unwrap_model(self.model)
-            model.save_pretrained(str(self.output))
+            save_pretrained(model, self.output)
             (self.output / "README.md").write_text(self._model_card(result))
             logger.info("model saved to %s", self.output)
         if self.writer is not None:
@@ -599,12 +603,14 @@ class DifixTrainer:
         if config.perceptual_backbone == "random":
             backbone = "**RANDOM (untrained) VGG-16** — asked for explicitly; LPIPS and Gram terms are not perceptual"
         elif config.lambda_lpips > 0 or config.lambda_gram > 0:
-            backbone = f"ImageNet VGG-16 from `{find_imagenet_weights('vgg', config.vgg16_weights)}`"
+            weights = find_imagenet_weights("vgg", config.vgg16_weights)  # its file name: no machine path
+            backbone = f"ImageNet VGG-16 (`{weights.name if weights else 'weights not found'}`)"
         else:
             backbone = "not used"
         last_eval = next((e for e in reversed(result.evaluations) if e), None)
         metrics = (
-            ", ".join(f"{k.upper()} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
+            ", ".join(f"{name.upper()} {last_eval[name]:.4f} (input {last_eval['input_' + name]:.4f})"
+                      for name in ("psnr", "ssim", "lpips") if name in last_eval)  # fmt: skip
             + f" (step {last_eval['step']}, {last_eval['pairs']} test pairs)"
             if last_eval
             else "no evaluation (no test split, or --eval-every 0)"
@@ -616,10 +622,11 @@ class DifixTrainer:
         layer_weights = ", ".join(f"{w:.4g}" for w in GRAM_LAYER_WEIGHTS)
         return f"""# Difix fine-tuned with difix3d
 
-Load with `difix3d.checkpoint.load_difix("{self.output}")` or `difix3d fix --model {self.output} ...`.
+Load this folder with `difix3d.checkpoint.load_difix(FOLDER)` or `difix3d fix --model FOLDER ...`.
+Paths are relative to this folder.
 
-- **Started from**: `{config.model}`
-- **Data**: `{config.dataset}` — {len(train)} training pairs, {len(test)} test pairs, \
+- **Started from**: `{self._card_path(config.model)}`
+- **Data**: `{self._card_path(config.dataset)}` — {len(train)} training pairs, {len(test)} test pairs, \
 {"with" if train[0].ref is not None else "without"} reference views
 - **Steps**: {result.final_step} × batch {config.batch_size} × {self.accelerator.num_processes} process(es); \
 random {self.crop[0]}x{self.crop[1]} crops
@@ -634,6 +641,12 @@ pairs per step ({config.batch_size} per process)
 - **Evaluation**: {metrics}
 - **Final training loss**: {f"{result.losses[-1]:.4f}" if result.losses else "n/a"}
 """
+
+    def _card_path(self, location: str | Path) -> str:
+        """A file or folder as the model card records it: relative to the card's folder (a model id as is)."""
+        if not Path(location).exists():
+            return str(location)
+        return Path(os.path.relpath(Path(location).absolute(), self.output.absolute())).as_posix()
 
     # --------------------------------------------------------------------------- helpers
 

@@ -20,6 +20,7 @@ from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, Va
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager, FullImageDatamanagerConfig
 
 from difix3d.core import Difix3DUpdate
+from difix3d.images import from_uint8
 
 
 def camera_at(cameras: Cameras, pose: torch.Tensor, intrinsics_of: int) -> Cameras:
@@ -120,7 +121,7 @@ class Difix3DRayDatamanager(VanillaDataManager):
         # Appearance of the nearest training camera (the one whose intrinsics it was rendered with).
         rays.camera_indices = torch.full((num_rays, 1), pseudo.intrinsics_of, dtype=torch.long)
         batch = {
-            "image": pseudo.image[rows, columns].float() / 255,
+            "image": from_uint8(pseudo.image[rows, columns]),
             "indices": torch.stack([rays.camera_indices[:, 0], rows, columns], dim=-1),
             "loss_weight": pseudo.loss_weight,
         }

@@ -3,8 +3,9 @@
 Differences from nerfstudio's SplatfactoModel, and why:
 - rasterization goes through `difix3d.rasterize` (gsplat on CUDA, PyTorch on CPU) and nothing calls
   `.cuda()`, so `--machine.device-type cpu` trains;
-- Splatfacto's LPIPS (torchmetrics', which downloads AlexNet at construction) is replaced by
-  `difix3d.metrics.LPIPSMetric("alex")`: the same LPIPS v0.1, with ImageNet weights from
+- `populate_modules` is Splatfacto's, with seed colours applied on the CPU (Splatfacto puts them on
+  CUDA) and `difix3d.metrics.LPIPSMetric("alex")` as LPIPS instead of torchmetrics' (which
+  downloads AlexNet at construction): the same LPIPS v0.1, with ImageNet weights from
   `difix3d.imagenet_weights`, never downloaded; where they are missing LPIPS is left out (logged);
 - pseudo-view batches carry a `mask` (applied by the parent) and a `loss_weight` (applied here);
 - `get_outputs_for_camera` adds `rgb_enhanced`: Difix on the render, referenced by the nearest
@@ -14,25 +15,21 @@ Differences from nerfstudio's SplatfactoModel, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple, Type, Union
+from typing import Dict, Tuple, Type, Union
 from unittest import mock
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
-from nerfstudio.data.scene_box import OrientedBox
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
 
+from difix3d.images import from_uint8
 from difix3d.metrics import LPIPSMetric
 from difix3d.rasterize import rasterization
-from nerfstudio_plugin.enhanced_outputs import with_enhanced
+from nerfstudio_plugin.enhanced_outputs import EnhancedRenders
 
 # nerfstudio compiles get_viewmat; the viewer interrupts a render by raising from a trace hook, which
 # inside compiled code becomes an internal dynamo error that kills the viewer's render thread.
 viewmat_of = getattr(get_viewmat, "__wrapped__", get_viewmat)
-
-# (rendered RGB [H, W, 3] in [0, 1], camera-to-world [3, 4]) -> enhanced RGB [H, W, 3]
-Enhancer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 @dataclass
 class Difix3DGSModelConfig(SplatfactoModelConfig):
@@ -43,13 +40,15 @@ class Difix3DGSModelConfig(SplatfactoModelConfig):
     """Add `rgb_enhanced` (Difix on the render) to renders outside training (ns-render, ns-eval, viewer)."""
 
 
-class Difix3DGSModel(SplatfactoModel):
+class Difix3DGSModel(EnhancedRenders, SplatfactoModel):
     config: Difix3DGSModelConfig
 
     def populate_modules(self) -> None:
-        # The parent moves seed colours to CUDA: give it none and apply them here. It also builds
-        # torchmetrics' LPIPS, which downloads: it gets difix3d's offline LPIPS instead (a plain
-        # attribute, not a submodule, so its weights stay out of the 3DGS checkpoints).
+        # Splatfacto's own setup, with two differences. It moves seed colours to CUDA: it gets none,
+        # and they are applied here. It builds torchmetrics' LPIPS, which downloads AlexNet: that
+        # class is swapped for difix3d's offline LPIPS for the call (a plain attribute, not a
+        # submodule, so its weights stay out of the 3DGS checkpoints). Calling the parent (rather
+        # than copying its 60 lines) keeps its draws from the RNG, so runs reproduce earlier ones.
         seed_points = self.seed_points
         if seed_points is not None:
             self.seed_points = (seed_points[0], seed_points[1][:0])
@@ -57,13 +56,11 @@ class Difix3DGSModel(SplatfactoModel):
             super().populate_modules()
         self.seed_points = seed_points
         if seed_points is not None and not self.config.random_init and len(seed_points[1]) > 0:
-            colours = seed_points[1].float() / 255
+            colours = from_uint8(seed_points[1].to(torch.uint8))
             if self.config.sh_degree > 0:
                 self.gauss_params["features_dc"].data = RGB2SH(colours)
             else:
                 self.gauss_params["features_dc"].data = torch.logit(colours, eps=1e-10)
-        # A plain attribute, not a submodule: Difix weights stay out of the 3DGS checkpoints.
-        self.__dict__["enhancer"] = None
 
     def load_state_dict(self, state_dict, strict: bool = True, **kwargs):  # type: ignore[override]
         """Load a checkpoint with a different number of Gaussians (a run that densified).
@@ -81,10 +78,6 @@ class Difix3DGSModel(SplatfactoModel):
         for param in self.gauss_params.values():
             param.data = param.data.new_zeros((count, *param.shape[1:]))
         return super(SplatfactoModel, self).load_state_dict(state_dict, strict=strict, **kwargs)
-
-    def set_enhancer(self, enhancer: Optional[Enhancer]) -> None:
-        """Install the Difix3D+ post-render enhancer (done by the pipeline once Difix is loaded)."""
-        self.__dict__["enhancer"] = enhancer
 
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[torch.Tensor, list]]:
         if not isinstance(camera, Cameras):
@@ -155,35 +148,8 @@ class Difix3DGSModel(SplatfactoModel):
             loss_dict["main_loss"] = loss_dict["main_loss"] * batch["loss_weight"]
         return loss_dict
 
-    @torch.no_grad()
-    def get_outputs_for_camera(self, camera: Cameras, obb_box: Optional[OrientedBox] = None) -> Dict[str, torch.Tensor]:
-        outputs = super().get_outputs_for_camera(camera, obb_box)
-        enhancer = self.__dict__.get("enhancer")
-        if enhancer is not None and self.config.enhance_renders and not self.training:
-            pose = camera.camera_to_worlds[0]
-            outputs = with_enhanced(outputs, lambda: enhancer(outputs["rgb"], pose))
-        return outputs
-
     def get_image_metrics_and_images(
         self, outputs: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]
     ) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
         gt_rgb = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
-        metrics: Dict[str, float] = {}
-        images = {"img": torch.cat([gt_rgb, outputs["rgb"]], dim=1)}
-        for name, suffix in (("rgb", ""), ("rgb_enhanced", "_enhanced")):
-            if name not in outputs:
-                continue
-            metrics.update({key + suffix: value for key, value in self._image_metrics(outputs[name], gt_rgb).items()})
-        if "rgb_enhanced" in outputs:
-            images["img_enhanced"] = torch.cat([gt_rgb, outputs["rgb_enhanced"]], dim=1)
-        return metrics, images
-
-    def _image_metrics(self, prediction: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
-        """PSNR, SSIM and LPIPS (AlexNet) as Splatfacto computes them; LPIPS only where its ImageNet weights exist."""
-        prediction = torch.moveaxis(prediction, -1, 0)[None]
-        target = torch.moveaxis(target, -1, 0)[None]
-        metrics = {"psnr": float(self.psnr(target, prediction).item()), "ssim": float(self.ssim(target, prediction))}
-        lpips = self.lpips(prediction, target)
-        if lpips is not None:
-            metrics["lpips"] = float(lpips.mean())
-        return metrics
+        return self.render_metrics_and_images(outputs, gt_rgb)

@@ -48,8 +48,6 @@ import functools
 import hashlib
 import json
 import math
-import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -68,9 +66,10 @@ import tyro
 from tqdm import tqdm
 
 from difix3d.errors import Difix3DError
+from difix3d.images import from_uint8, to_uint8
 from difix3d.seeds import EVALUATION_SEEDS
+from nerfstudio_plugin import runner as nerfstudio_runner
 
-BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 CODE_PATHS = ("difix3d", "nerfstudio_plugin", "scripts/bench_quality.py", "pyproject.toml")
 """What "the code" of a stage is: its hash covers every .py file below these paths."""
@@ -155,28 +154,11 @@ def log(message: str) -> None:
     print(f"[bench_quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def subprocess_env(bench: BenchQuality) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if bench.threads:
-        env["OMP_NUM_THREADS"] = str(bench.threads)
-    return env
-
-
-def run(bench: BenchQuality, *command: str | Path, log_file: Path) -> None:
-    """Run a command, its output into `log_file`; raise with the log's tail when it fails."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("w") as output:
-        process = subprocess.Popen([str(part) for part in command], env=subprocess_env(bench), stdout=output, stderr=subprocess.STDOUT)
-        try:
-            _, status, usage = os.wait4(process.pid, 0)  # wait() with the child's own CPU time
-        except BaseException:
-            process.kill()
-            raise
-        process.returncode = os.waitstatus_to_exitcode(status)
-    add_children_cpu(usage.ru_utime + usage.ru_stime)
-    if process.returncode != 0:
-        tail = log_file.read_text()[-3000:]
-        raise RuntimeError(f"{Path(str(command[0])).name} failed (exit {process.returncode}); {log_file}:\n{tail}")
+def run(bench: BenchQuality, command: list[str], log_file: Path) -> None:
+    """Run a nerfstudio tool (output into `log_file`), offline and with the benchmark's threads;
+    its CPU time counts as this thread's."""
+    env = {"HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(bench.threads)} if bench.threads else {})}
+    add_children_cpu(nerfstudio_runner.run(command, log_file=log_file, env=env))
 
 
 def write_json(path: Path, content) -> None:
@@ -192,11 +174,11 @@ def jsonable(value):
 
 def load_rgb(path: Path) -> torch.Tensor:
     """[3, H, W] float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(iio.imread(path)[..., :3])).permute(2, 0, 1).float() / 255
+    return from_uint8(torch.from_numpy(np.ascontiguousarray(iio.imread(path)[..., :3]))).permute(2, 0, 1)
 
 
 def save_rgb(path: Path, image: torch.Tensor) -> None:
-    iio.imwrite(path, (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    iio.imwrite(path, to_uint8(image.permute(1, 2, 0)).numpy())
 
 
 def view_names(scene: Path, kind: str) -> list[str]:
@@ -225,19 +207,13 @@ _CPU = threading.local()
 
 
 def cpu_seconds() -> float:
-    """CPU time of this thread and of the subprocesses it ran (`run`, `count_children_cpu`): unlike
+    """CPU time of this thread and of the subprocesses it ran (`run`): unlike
     wall time, it does not grow when other jobs share the cores."""
     return time.thread_time() + getattr(_CPU, "children", 0.0)
 
 
 def add_children_cpu(seconds: float) -> None:
     _CPU.children = getattr(_CPU, "children", 0.0) + seconds
-
-
-def children_cpu() -> float:
-    """CPU time of every finished subprocess of this process (exact only while one thread runs them)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def git(*arguments: str) -> str | None:
@@ -386,16 +362,10 @@ def ns_train(bench: BenchQuality, scene: Path, run_root: Path, seed: int, *extra
     its config.yml. It keeps its checkpoint of step fix_start - 1 (the last step before the first fix
     round), where a plain and a Difix3D run of one seed must still be identical."""
     shutil.rmtree(run_root, ignore_errors=True)
-    never = 10 * bench.steps
-    run(
-        bench, BIN / "ns-train", "difix3d-gs", "--data", scene, "--output-dir", run_root, "--experiment-name", "bench",
-        "--timestamp", "run", "--machine.device-type", "cpu", "--machine.seed", seed,
-        "--pipeline.datamanager.train-cameras-sampling-seed", seed, "--vis", "tensorboard",
-        "--max-num-iterations", bench.steps, "--steps-per-save", bench.fix_start - 1, "--save-only-latest-checkpoint", "False",
-        "--steps-per-eval-image", never, "--steps-per-eval-all-images", never,
-        "--pipeline.model.num-downscales", 0, *extra,
-        log_file=run_root / "ns-train.log",
-    )  # fmt: skip
+    command = nerfstudio_runner.train_command(
+        scene, run_root, "bench", bench.steps, *extra, device="cpu", seed=seed, save_every=bench.fix_start - 1, keep_checkpoints=True
+    )
+    run(bench, command, log_file=run_root / "ns-train.log")
     checkpoints = run_base(run_root) / "nerfstudio_models"
     keep = {checkpoint_path(run_root, bench.fix_start - 1), max(checkpoints.glob("step-*.ckpt"))}
     for checkpoint in checkpoints.glob("step-*.ckpt"):
@@ -405,7 +375,7 @@ def ns_train(bench: BenchQuality, scene: Path, run_root: Path, seed: int, *extra
 
 
 def run_base(run_root: Path) -> Path:
-    return run_root / "bench" / "difix3d-gs" / "run"
+    return nerfstudio_runner.run_dir(run_root, "bench")
 
 
 def checkpoint_path(run_root: Path, step: int) -> Path:
@@ -428,11 +398,7 @@ def same_checkpoints(first: Path, second: Path) -> bool:
 
 
 def ns_render(bench: BenchQuality, config: Path, split: str, names: list[str], output: Path) -> None:
-    run(
-        bench, BIN / "ns-render", "dataset", "--load-config", config, "--split", split,
-        "--rendered-output-names", *names, "--image-format", "png", "--output-path", output,
-        log_file=output.parent / f"ns-render-{split}.log",
-    )  # fmt: skip
+    run(bench, nerfstudio_runner.render_command(config, split, names, output), log_file=output.parent / f"ns-render-{split}.log")
 
 
 @dataclass

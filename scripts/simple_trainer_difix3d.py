@@ -37,6 +37,7 @@ from difix3d.core import Difix3DUpdate, Enhancer, EnhancerConfig
 from difix3d.devices import DtypeName, resolve_device, resolve_dtype
 from difix3d.errors import Difix3DError
 from difix3d.gaussians import params_from_points, render_splats, splat_optimizers
+from difix3d.images import from_uint8, to_uint8
 from difix3d.metrics import LPIPSMetric, psnr, ssim
 from difix3d.model_ids import DEFAULT_BASE
 from difix3d.poses import to_homogeneous
@@ -138,7 +139,7 @@ def load_colmap_scene(data_dir: Path) -> ColmapScene:
     if len({tuple(image.shape) for image in images}) > 1:
         raise Difix3DError("images of different sizes; this trainer needs one size")
     points = np.array([point.xyz for point in reconstruction.points3D.values()], dtype=np.float32).reshape(-1, 3)
-    colors = np.array([point.color for point in reconstruction.points3D.values()], dtype=np.float32).reshape(-1, 3) / 255
+    colors = from_uint8(np.array([point.color for point in reconstruction.points3D.values()], dtype=np.uint8).reshape(-1, 3))
     return ColmapScene([i.name for i in registered], torch.stack(images), torch.stack(camtoworlds), torch.stack(Ks), points, colors)
 
 
@@ -290,13 +291,13 @@ class Runner:
         if pseudo is not None:
             camtoworld = to_homogeneous(pseudo.pose).to(self.device)
             K = self.Ks[pseudo.intrinsics_of]
-            target = pseudo.image.to(self.device).float() / 255
+            target = from_uint8(pseudo.image.to(self.device))
             mask = pseudo.mask.to(self.device).float()
             weight = pseudo.loss_weight
         else:
             index = int(torch.randint(len(self.images), (), generator=self.view_generator))
             camtoworld, K = self.camtoworlds[index], self.Ks[index]
-            target, mask = self.images[index].float() / 255, None
+            target, mask = from_uint8(self.images[index]), None
             has_pseudo_views = self.update is not None and self.update.updater.num_rounds > 0
             weight = config.real_view_loss_weight if has_pseudo_views else 1.0
 
@@ -335,7 +336,7 @@ class Runner:
             renders = {"": colors[0].clamp(0, 1)}
             if self.enhancer is not None:
                 renders["_enhanced"] = self.enhancer(renders[""], camtoworld[:3].to(self.device))
-            target = (image.float() / 255).permute(2, 0, 1)[None].to(self.device)
+            target = from_uint8(image).permute(2, 0, 1)[None].to(self.device)
             for suffix, render in renders.items():
                 prediction = render.permute(2, 0, 1)[None]
                 scores.setdefault("psnr" + suffix, []).append(float(psnr(prediction, target)))
@@ -344,7 +345,7 @@ class Runner:
                 if lpips is not None:
                     scores.setdefault("lpips" + suffix, []).append(float(lpips))
                 if self.world_rank == 0:
-                    pixels = (render * 255).round().byte().cpu().numpy()
+                    pixels = to_uint8(render).cpu().numpy()
                     out.mkdir(parents=True, exist_ok=True)
                     iio.imwrite(out / f"{Path(name).stem}{suffix}.png", pixels)
         metrics = {key: float(np.mean(values)) for key, values in scores.items()}

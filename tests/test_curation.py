@@ -1,4 +1,5 @@
-"""`difix3d curate`: view selection, derived scenes, resume rules, and an end-to-end run through nerfstudio."""
+"""`difix3d curate`: view selection, derived scenes, the strategies with a stand-in reconstructor,
+resume rules, and end-to-end runs with real reconstructors."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from difix3d import curation
 from difix3d.cli import main
 from difix3d.curation import CurateConfig, SceneViews
 from difix3d.errors import Difix3DError
+from difix3d.reconstruction import TrainingViews, write_colmap_scene
 from difix3d.sfm import camera_to_world
+from fake_reconstructor import FakeReconstructor
 
 
 def fake_scene(centres, camera_ids=None) -> SceneViews:
@@ -111,21 +114,25 @@ def test_test_split_is_a_stable_fraction_of_views():
 
 
 def test_rendered_file_follows_ns_render_naming(tmp_path):
-    assert curation.rendered_file(tmp_path, "test", ["a.jpg", "b.jpg"], "b.jpg") == tmp_path / "test/rgb/b.png"
-    assert curation.rendered_file(tmp_path, "test", ["cam/a.jpg", "cam/b.jpg"], "cam/a.jpg") == tmp_path / "test/rgb/a.png"
+    from nerfstudio_plugin.reconstructor import rendered_file
+
+    assert rendered_file(tmp_path, "test", ["a.jpg", "b.jpg"], "b.jpg") == tmp_path / "test/rgb/b.png"
+    assert rendered_file(tmp_path, "test", ["cam/a.jpg", "cam/b.jpg"], "cam/a.jpg") == tmp_path / "test/rgb/a.png"
     # One image: its own path is the common path, and ns-render writes <split>/rgb.png.
-    assert curation.rendered_file(tmp_path, "test", ["a.jpg"], "a.jpg") == tmp_path / "test/rgb.png"
+    assert rendered_file(tmp_path, "test", ["a.jpg"], "a.jpg") == tmp_path / "test/rgb.png"
 
 
 # ------------------------------------------------------------------------------ derived scenes
 
 
 def test_derived_scene_splits_filters_points_and_adds_views(tiny_scene, tmp_path):
+    from nerfstudio_plugin.reconstructor import write_nerfstudio_scene
+
     scene = curation.load_scene(tiny_scene)
     train, held_out = curation.sparse_split(scene.names, 4)
     new_pose = curation.shift_sideways(scene.poses[0], 0.3)
     extra = {"shifted.png": (scene.image_path(scene.names[0]), new_pose)}
-    derived = curation.write_derived_scene(scene, tmp_path / "derived", train, held_out, train, extra)
+    derived = write_nerfstudio_scene(TrainingViews(scene, train, held_out, train, extra), tmp_path / "derived")
 
     assert (derived / "train_list.txt").read_text().split() == train
     assert (derived / "test_list.txt").read_text().split() == held_out
@@ -151,7 +158,8 @@ def test_nerfstudio_reads_the_added_view_where_it_was_put(tiny_scene, tmp_path):
     scene = curation.load_scene(tiny_scene)
     original = scene.names[0]
     extra = {"shifted.png": (scene.image_path(original), curation.shift_sideways(scene.poses[0], 0.3))}
-    derived = curation.write_derived_scene(scene, tmp_path / "derived", scene.names, [original, "shifted.png"], None, extra)
+    derived = write_colmap_scene(TrainingViews(scene, scene.names, [original, "shifted.png"], None, extra), tmp_path / "derived")
+    (derived / "test_list.txt").write_text(f"{original}\nshifted.png\n")
     parser = ColmapDataParserConfig(data=derived, colmap_path=Path("sparse/0"), downscale_factor=1).setup()
     outputs = parser.get_dataparser_outputs("test")
     assert [path.name for path in outputs.image_filenames] == [original, "shifted.png"]
@@ -159,6 +167,113 @@ def test_nerfstudio_reads_the_added_view_where_it_was_put(tiny_scene, tmp_path):
     np.testing.assert_allclose(after[:, :3], before[:, :3], atol=1e-6)
     # nerfstudio's camera x axis is OpenCV's: the view moved right by 0.3 COLMAP units.
     np.testing.assert_allclose(after[:, 3] - before[:, 3], 0.3 * outputs.dataparser_scale * before[:, 0], atol=1e-5)
+
+
+# ------------------------------------------------------------- strategies, with a stand-in reconstructor
+
+
+def curate_with(reconstructor, scene_dir: Path, out: Path, strategy: str, **settings) -> list[dict]:
+    """Curate one strategy of one scene; its pairs, after checking what every pair must satisfy."""
+    curation.curate(CurateConfig(scene=[scene_dir], out=out, strategies=(strategy,), **settings), reconstructor)
+    pairs = json.loads((out / scene_dir.name / f"{strategy}.json").read_text())["pairs"]
+    assert pairs and not (out / scene_dir.name / "work").exists()
+    for pair in pairs:
+        image, target, ref = (iio.imread(out / pair[key]) for key in ("image", "target_image", "ref_image"))
+        assert image.shape[:2] == target.shape[:2] == ref.shape[:2]
+        assert pair["ref_view"] != pair["view"] and pair["strategy"] == strategy
+    return pairs
+
+
+def test_sparse_trains_on_every_nth_view_and_renders_the_others(tiny_scene, tmp_path):
+    fake, scene = FakeReconstructor(), curation.load_scene(tiny_scene)
+    pairs = curate_with(fake, tiny_scene, tmp_path, "sparse", steps=40, sparse_every=3)
+    train, held_out = curation.sparse_split(scene.names, 3)
+    [run] = fake.runs
+    assert (run.views.train, run.views.render, run.views.points_from, run.steps) == (train, held_out, train, 40)
+    assert sorted(pair["view"] for pair in pairs) == held_out
+    assert all(pair["ref_view"] in train and pair["step"] == 40 and pair["variant"] == "every3" for pair in pairs)
+
+
+def test_underfit_renders_every_view_at_each_checkpoint(tiny_scene, tmp_path):
+    fake, scene = FakeReconstructor(), curation.load_scene(tiny_scene)
+    pairs = curate_with(fake, tiny_scene, tmp_path, "underfit", steps=40, underfit_fractions=(0.25, 0.5))
+    [run] = fake.runs
+    assert (run.views.train, run.views.render, run.views.points_from) == (scene.names, scene.names, None)
+    assert run.checkpoint_steps == (10, 20) and run.steps == 20
+    assert [step for _, _, step in fake.rendered] == [10, 20]
+    assert sorted((pair["step"], pair["view"]) for pair in pairs) == [(s, v) for s in (10, 20) for v in scene.names]
+
+
+def test_cross_trains_on_the_largest_camera_group_and_renders_the_others(tiny_scene, tmp_path):
+    fake, scene = FakeReconstructor(), curation.load_scene(tiny_scene)
+    pairs = curate_with(fake, tiny_scene, tmp_path, "cross", steps=40)
+    groups = curation.camera_groups(scene, "auto", 2)
+    [run] = fake.runs
+    assert (run.views.train, run.views.points_from) == (groups[0], groups[0])
+    assert run.views.render == sorted(groups[1])
+    assert sorted(pair["view"] for pair in pairs) == sorted(groups[1])
+    assert all(pair["ref_view"] in groups[0] and pair["variant"] == "groups2" for pair in pairs)
+
+
+def test_cycle_trains_a_second_model_on_renders_of_shifted_poses(tiny_scene, tmp_path):
+    fake, scene = FakeReconstructor(), curation.load_scene(tiny_scene)
+    pairs = curate_with(fake, tiny_scene, tmp_path, "cycle", steps=40, cycle_shift=0.5)
+    first, second = fake.runs
+    shifted = first.views.render
+    assert first.views.train == scene.names and len(shifted) == len(scene.names)
+    assert set(shifted) == set(first.views.extra_views) and not set(shifted) & set(scene.names)
+    spacing = curation.neighbour_spacing(scene.poses[:, :3, 3])
+    for number, (name, pose) in enumerate(zip(shifted, scene.poses)):
+        moved = first.views.extra_views[name][1][:3, 3] - pose[:3, 3]
+        np.testing.assert_allclose(moved, (0.5 if number % 2 == 0 else -0.5) * spacing * pose[:3, 0], atol=1e-9)
+    # The second model sees only the first one's renders, at the shifted poses, and renders the originals.
+    assert second.views.train == shifted and second.views.render == scene.names
+    for name in shifted:
+        file, pose = second.views.extra_views[name]
+        assert first.folder in file.parents and np.array_equal(pose, first.views.extra_views[name][1])
+    assert sorted(pair["view"] for pair in pairs) == scene.names
+    for pair in pairs:
+        np.testing.assert_allclose(pair["shifted_pose"], first.views.extra_views[curation._shifted_name(pair["view"])][1], atol=1e-6)
+
+
+def test_manifests_record_the_reconstructor_and_old_ones_count_as_nerfstudio(tiny_scene, tmp_path):
+    config = CurateConfig(scene=[tiny_scene], out=tmp_path, strategies=("sparse",), steps=40, reconstructor="nerfstudio")
+    parameters = curation.strategy_parameters(config, "sparse")
+    assert parameters["reconstructor"] == "nerfstudio"
+    del parameters["reconstructor"]  # as written before there was a choice
+    manifest = tmp_path / tiny_scene.name / "sparse.json"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"parameters": parameters, "pairs": []}))
+    assert curation.curate(config, FakeReconstructor()).skipped == [(tiny_scene.name, "sparse")]
+    config.reconstructor = "splats"
+    with pytest.raises(Difix3DError, match="--overwrite"):
+        curation.curate(config, FakeReconstructor())
+
+
+def test_library_reconstructor_renders_its_checkpoints_and_added_views(tiny_scene, tmp_path):
+    from difix3d.reconstruction import SplatReconstructor
+
+    scene = curation.load_scene(tiny_scene)
+    train, held_out = curation.sparse_split(scene.names, 2)
+    extra = {"shifted.png": (scene.image_path(train[0]), curation.shift_sideways(scene.poses[0], 0.2))}
+    views = TrainingViews(scene, train, [*held_out[:2], "shifted.png"], points_from=train, extra_views=extra)
+    reconstructor = SplatReconstructor(progress=False)
+    reconstruction = reconstructor.train(views, tmp_path / "run", steps=6, checkpoint_steps=(2,))
+    final = reconstructor.render(reconstruction, views.render)
+    early = reconstructor.render(reconstruction, held_out[:1], step=2)
+    photo = iio.imread(scene.image_path(held_out[0]))
+    assert all(iio.imread(path).shape == photo[..., :3].shape for path in final.values())
+    assert not np.array_equal(iio.imread(early[held_out[0]]), iio.imread(final[held_out[0]]))
+    with pytest.raises(Difix3DError, match="no checkpoint at step 3"):
+        reconstructor.render(reconstruction, held_out[:1], step=3)
+    with pytest.raises(Difix3DError, match="not a view of this reconstruction"):
+        reconstructor.render(reconstruction, [held_out[3]])
+
+
+def test_curation_imports_no_nerfstudio():
+    code = "import sys, difix3d.curation, difix3d.reconstruction; print(sorted(m for m in sys.modules if 'nerfstudio' in m))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 # ----------------------------------------------------------------------------- errors, resume
@@ -232,8 +347,8 @@ def test_concurrent_shards_build_the_dataset_once_with_every_pair(two_scenes, tm
     (tmp_path / "rendezvous").mkdir()
     common = ["curate", *(f"--scene={scene}" for scene in two_scenes), "--out", str(out), "--strategies", "sparse",
               "underfit", "--steps", "20", "--underfit-fractions", "0.25", "0.75"]  # fmt: skip
-    env = {**os.environ, "FAKE_NERFSTUDIO_RENDEZVOUS": f"{tmp_path / 'rendezvous'}:2"}
-    script = Path(__file__).with_name("fake_nerfstudio.py")
+    env = {**os.environ, "FAKE_RECONSTRUCTOR_RENDEZVOUS": f"{tmp_path / 'rendezvous'}:2"}
+    script = Path(__file__).with_name("fake_reconstructor.py")
     shards = [
         subprocess.Popen([sys.executable, str(script), *common, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE, text=True)
         for i in range(2)
@@ -252,30 +367,25 @@ def test_concurrent_shards_build_the_dataset_once_with_every_pair(two_scenes, tm
         assert manifest["finished"] and manifest["scenes"] == [scene_ids[index]]
 
 
-def test_a_shard_killed_midway_resumes_and_the_last_shard_builds_the_dataset(two_scenes, tmp_path, monkeypatch):
-    from fake_nerfstudio import FakeNerfstudio
-
+def test_a_shard_killed_midway_resumes_and_the_last_shard_builds_the_dataset(two_scenes, tmp_path):
     out = tmp_path / "curated"
     config = CurateConfig(scene=two_scenes, out=out, strategies=("sparse", "underfit"), steps=20, shard="1/2")
-    monkeypatch.setattr(curation, "_Nerfstudio", FakeNerfstudio)
-    result = curation.curate(config)
+    result = curation.curate(config, FakeReconstructor())
     assert result.dataset is None and result.waiting_for == ["0/2"] and not (out / "dataset.json").exists()
 
-    class KilledDuringUnderfit(FakeNerfstudio):
-        def render(self, run_dir, split, split_names, step=None):
-            if "underfit" in str(run_dir):
+    class KilledDuringUnderfit(FakeReconstructor):
+        def render(self, run, names, step=None):
+            if run.folder.name == "underfit":
                 raise KeyboardInterrupt  # as if the job were stopped here
-            return super().render(run_dir, split, split_names, step)
+            return super().render(run, names, step)
 
-    monkeypatch.setattr(curation, "_Nerfstudio", KilledDuringUnderfit)
     config.shard = "0/2"
     with pytest.raises(KeyboardInterrupt):
-        curation.curate(config)
+        curation.curate(config, KilledDuringUnderfit())
     assert not json.loads((out / "shards" / "shard-0-of-2.json").read_text())["finished"]
     assert not (out / "dataset.json").exists()
 
-    monkeypatch.setattr(curation, "_Nerfstudio", FakeNerfstudio)
-    result = curation.curate(config)
+    result = curation.curate(config, FakeReconstructor())
     first = two_scenes[0].name
     assert result.skipped == [(first, "sparse")] and result.curated == [(first, "underfit")]
     assert result.dataset == out / "dataset.json" and result.num_train + result.num_test > 0
@@ -314,7 +424,7 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, small_scene, tmp_pa
     args = [
         "curate", "--scene", str(tiny_scene), "--scene", str(small_scene), "--out", str(out),
         "--strategies", "sparse", "underfit", "--steps", "20", "--underfit-fractions", "0.25", "0.75",
-        "--test-fraction", "0.2",
+        "--test-fraction", "0.2", "--reconstructor", "nerfstudio",
     ]  # fmt: skip
     main(args)
 
@@ -353,8 +463,42 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, small_scene, tmp_pa
     started = time.perf_counter()
     result = curation.curate(CurateConfig(
         scene=[tiny_scene, small_scene], out=out, strategies=("sparse", "underfit"), steps=20,
-        underfit_fractions=(0.25, 0.75), test_fraction=0.2,
+        underfit_fractions=(0.25, 0.75), test_fraction=0.2, reconstructor="nerfstudio",
     ))  # fmt: skip
     assert result.curated == [] and len(result.skipped) == 4
     assert time.perf_counter() - started < 10
     assert json.loads(dataset_path.read_text()) == dataset
+
+
+def degraded_pairs(out: Path, pairs: list[dict]) -> None:
+    """Every render differs from its photograph, but looks like the scene (not noise, not empty)."""
+    for pair in pairs:
+        image, target = (iio.imread(out / pair[key])[..., :3].astype(float) for key in ("image", "target_image"))
+        error = np.abs(image - target).mean()
+        assert 1 < error < 60, (pair["id"], error)
+
+
+@pytest.mark.slow
+def test_cross_end_to_end_with_the_library_reconstructor(tiny_scene, tmp_path):
+    out = tmp_path / "curated"
+    main(["curate", "--scene", str(tiny_scene), "--out", str(out), "--strategies", "cross", "--steps", "150", "--device", "cpu"])
+    pairs = json.loads((out / tiny_scene.name / "cross.json").read_text())["pairs"]
+    groups = curation.camera_groups(curation.load_scene(tiny_scene), "auto", 2)
+    assert sorted(pair["view"] for pair in pairs) == sorted(groups[1])
+    degraded_pairs(out, pairs)
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert len(dataset["train"]) + len(dataset["test"]) == len(pairs)
+
+
+@pytest.mark.slow
+def test_cycle_end_to_end_with_the_library_reconstructor(tiny_scene, tmp_path):
+    out = tmp_path / "curated"
+    main(["curate", "--scene", str(tiny_scene), "--out", str(out), "--strategies", "cycle", "--steps", "150",
+          "--device", "cpu", "--keep-work"])  # fmt: skip
+    pairs = json.loads((out / tiny_scene.name / "cycle.json").read_text())["pairs"]
+    scene = curation.load_scene(tiny_scene)
+    assert sorted(pair["view"] for pair in pairs) == scene.names
+    degraded_pairs(out, pairs)
+    # The second model learnt from the first one's renders of the shifted poses, which exist.
+    shifted = sorted((out / tiny_scene.name / "work" / "cycle" / "cycle_first" / "renders" / "latest").glob("*.png"))
+    assert len(shifted) == len(scene.names)

@@ -41,8 +41,16 @@ def test_demo_ends_with_the_run_and_the_next_commands(tmp_path, monkeypatch, cap
         return {"psnr": 20.0, "ssim": 0.5, "psnr_enhanced": 21.0, "ssim_enhanced": 0.6}
 
     monkeypatch.setattr(demo, "train_render_eval", fake_train_render_eval)
-    demo.main(demo.Demo(output=output))
+    scores = {"psnr": {"mean": 15.5}, "ssim": {"mean": 0.6}, "lpips": {"mean": 0.2}}
+    benchmark = tmp_path / "quality.json"
+    benchmark.write_text(json.dumps({
+        "difix": {"spec": "embedded"}, "scenes": [{}] * 6, "code": {"current": {"commit": "a" * 40}},
+        "summary": {"methods": {method: scores for method in ("3dgs", "difix3d", "difix3d+")}},
+    }))  # fmt: skip
+    demo.main(demo.Demo(output=output, benchmark=benchmark))
     printed = capsys.readouterr().out
+    assert "The benchmark's means over 6 held-out scenes" in printed and "aaaaaaaaaaaa" in printed
+    assert "Difix3D+     15.50  0.6000  0.2000" in printed
     config = output / "runs" / "difix3d" / "difix3d-gs" / "run" / "config.yml"
     assert f"The Difix3D run: {config}" in printed
     assert f"ns-render dataset --load-config {config}" in printed

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from difix3d.attention import MultiViewAttnProcessor
-from difix3d.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_difix, save_release_checkpoint
+from difix3d.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_difix, load_pretrained, save_pretrained, save_release_checkpoint
 from difix3d.errors import Difix3DError
 from difix3d.model import Difix, DifixConfig, skip_channels
 from difix3d.pipeline import DifixPipeline
@@ -158,8 +158,8 @@ def test_gradients_reach_unet_lora_and_skips_not_encoder(trained: Difix) -> None
 
 
 def test_save_and_load_are_bit_exact(trained: Difix, tmp_path) -> None:
-    trained.save_pretrained(tmp_path / "model")
-    loaded = Difix.from_pretrained(tmp_path / "model")
+    save_pretrained(trained, tmp_path / "model")
+    loaded = load_pretrained(tmp_path / "model")
     original = trained.state_dict()
     assert original.keys() == loaded.state_dict().keys()
     assert all(torch.equal(original[key], value) for key, value in loaded.state_dict().items())
@@ -168,7 +168,7 @@ def test_save_and_load_are_bit_exact(trained: Difix, tmp_path) -> None:
 
 
 def test_release_checkpoint_loads_back_identically(difix: Difix, trained: Difix, tmp_path) -> None:
-    difix.save_pretrained(tmp_path / "base")  # shares the frozen VAE weights with `trained`
+    save_pretrained(difix, tmp_path / "base")  # shares the frozen VAE weights with `trained`
     save_release_checkpoint(trained, tmp_path / "model_10.pkl")
     release = torch.load(tmp_path / "model_10.pkl", weights_only=True)
     assert "decoder.conv_in.lora_A.vae_skip.weight" in release["state_dict_vae"]
@@ -354,7 +354,7 @@ def test_offline_hub_id_gives_one_clear_error(monkeypatch, tmp_path) -> None:
 
 
 def test_mismatched_checkpoint_lists_the_problems(trained: Difix, tmp_path) -> None:
-    trained.save_pretrained(tmp_path / "model")
+    save_pretrained(trained, tmp_path / "model")
     state = load_file(tmp_path / "model" / WEIGHTS_FILE)
     del state["unet.conv_in.bias"]
     state["unet.conv_out.weight"] = torch.zeros(4, 16, 3, 3)

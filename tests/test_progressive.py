@@ -222,6 +222,7 @@ def test_round_files_and_manifest(tmp_path):
 
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["target_source"] == "eval" and len(manifest["rounds"]) == 1
+    assert manifest["rounds"][0]["directory"] == "round_000"  # relative to the manifest's folder
     assert len(manifest["rounds"][0]["views"]) == 3
     assert manifest["rounds"][0]["views"][1]["reference_indices"] == plan.reference_indices[1].tolist()
     assert temporary_files(root) == []
@@ -268,6 +269,18 @@ def test_resume_from_the_manifest_of_a_moved_run(tmp_path):
         assert torch.equal(mine.pose, theirs.pose)
         assert (mine.reference_indices, mine.distance, mine.fixed_path) == (theirs.reference_indices, theirs.distance, theirs.fixed_path)
     assert resumed.load_pseudo_view(4)[0].shape == (HEIGHT, WIDTH, 3)
+
+
+def test_manifests_of_older_versions_with_absolute_directories_still_load(tmp_path):
+    updater = make_updater(tmp_path)
+    run_round(updater, 100)
+    path = tmp_path / "difix3d" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["rounds"][0]["directory"] = str((tmp_path / "difix3d" / "round_000").absolute())
+    path.write_text(json.dumps(manifest))
+    resumed = ProgressiveUpdater(updater.config, TRAINING, Targets(TARGETS, "eval"), tmp_path / "difix3d")
+    resumed.load_state_dict(read_manifest(tmp_path / "difix3d"))
+    assert [view.round_directory for view in resumed.pseudo_views] == [tmp_path / "difix3d" / "round_000"] * 3
 
 
 def test_resume_rejects_a_different_dataset_or_missing_files(tmp_path):

@@ -63,12 +63,12 @@ def full_run(dataset, tmp_path_factory):
     return output, train(_config(dataset, output))
 
 
-def test_training_lowers_the_loss_and_writes_its_outputs(full_run):
+def test_training_lowers_the_loss_and_writes_its_outputs(full_run, dataset):
     output, result = full_run
     assert len(result.losses) == 30 and result.final_step == 30
     assert np.mean(result.losses[-5:]) < 0.9 * np.mean(result.losses[:5])
     assert [e["step"] for e in result.evaluations] == [15, 30]
-    assert {"psnr", "ssim"} <= set(result.evaluations[-1]) and result.evaluations[-1]["lpips_net"] == "alex"
+    assert {"psnr", "ssim", "input_psnr", "input_ssim"} <= set(result.evaluations[-1]) and result.evaluations[-1]["lpips_net"] == "alex"
     # LPIPS (AlexNet) is reported where its ImageNet weights are present (`difix3d weights`), else said n/a.
     has_alexnet = find_imagenet_weights("alex") is not None
     assert ("lpips" in result.evaluations[-1]) == has_alexnet
@@ -76,8 +76,10 @@ def test_training_lowers_the_loss_and_writes_its_outputs(full_run):
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000020", "step-00000030"]
     assert any((output / "tensorboard").iterdir())
     card = (output / "README.md").read_text()
-    assert "RANDOM (untrained) VGG-16" in card and "30 ×" in card and "tiny" in card
+    assert "RANDOM (untrained) VGG-16" in card and "30 ×" in card and "tiny" in card and "PSNR" in card and "(input " in card
     assert ("LPIPS v0.1 with AlexNet" if has_alexnet else "LPIPS n/a: AlexNet ImageNet weights not found") in card
+    # Paths relative to the card's folder, never the machine's.
+    assert f"**Data**: `../{dataset.parent.name}/data.json`" in card and str(output.parent) not in card
 
 
 def test_only_the_trainable_parts_change(full_run):
