@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -460,13 +459,12 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, small_scene, tmp_pa
     )  # fmt: skip
     assert result.final_step == 2
 
-    started = time.perf_counter()
+    # Run again: everything is found done and skipped (no reconstruction starts).
     result = curation.curate(CurateConfig(
         scene=[tiny_scene, small_scene], out=out, strategies=("sparse", "underfit"), steps=20,
         underfit_fractions=(0.25, 0.75), test_fraction=0.2, reconstructor="nerfstudio",
     ))  # fmt: skip
     assert result.curated == [] and len(result.skipped) == 4
-    assert time.perf_counter() - started < 10
     assert json.loads(dataset_path.read_text()) == dataset
 
 

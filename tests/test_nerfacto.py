@@ -52,7 +52,10 @@ def ns_train(scene: Path, output: Path, steps: int, *extra: str | Path) -> Path:
 
 
 def rounds(run_dir: Path) -> list:
-    return json.loads((run_dir / "difix3d" / "manifest.json").read_text())["rounds"]
+    """The manifest's rounds, each round's folder resolved (the manifest stores it relative to itself)."""
+    manifest = run_dir / "difix3d" / "manifest.json"
+    found = json.loads(manifest.read_text())["rounds"]
+    return [{**round_, "directory": str((manifest.parent / round_["directory"]).resolve())} for round_ in found]
 
 
 @pytest.mark.slow
