@@ -48,6 +48,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -168,8 +169,17 @@ def write_json(path: Path, content) -> None:
     temporary.replace(path)
 
 
+def portable(value: str) -> str:
+    """A path as a report may show it: relative to the repository inside it, its last part outside
+    (never this machine's folders); anything else unchanged."""
+    if not os.path.isabs(value):
+        return value
+    path = Path(value).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
+
+
 def jsonable(value):
-    return json.loads(json.dumps(value, default=str))
+    return json.loads(json.dumps(value, default=lambda item: portable(str(item)) if isinstance(item, Path) else str(item)))
 
 
 def load_rgb(path: Path) -> torch.Tensor:
@@ -856,7 +866,7 @@ def main(bench: BenchQuality) -> dict:
     from difix3d.runtime import configure_cpu_runtime
 
     configure_cpu_runtime(bench.threads)
-    command = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
+    command = "python scripts/bench_quality.py " + " ".join(portable(argument) for argument in sys.argv[1:])
     started = time.perf_counter()
     code = code_version()
     log(f"code: {describe_code(code)}")
