@@ -110,6 +110,8 @@ class CurateConfig:
     """ground-truth: extreme target poses per scene (each with two poses on the way to it)."""
     ground_truth_wide: int = 10
     """ground-truth: poses anywhere around the scene per scene."""
+    ground_truth_training_views: bool = True
+    """ground-truth: also pair renders at the training poses with their images (near-identity pairs)."""
     test_fraction: float = 0.1
     """Fraction of target views (by a stable hash) whose pairs go to the test split."""
     shard: str | None = None
@@ -291,6 +293,7 @@ def ground_truth_config(config: CurateConfig):
     return GroundTruthPairsConfig(
         steps=steps, snapshot_steps=tuple(sorted({max(1, round(steps * f)) for f in (0.4, 0.7, 1.0)})),
         num_extreme=config.ground_truth_extreme, num_wide=config.ground_truth_wide,
+        training_views=config.ground_truth_training_views,
     )  # fmt: skip
 
 

@@ -12,7 +12,11 @@ Novel poses (true world frame, seeded by the scene):
   farther out and higher up, looking at the objects with a jittered aim;
 - progressive poses on the way from each target's nearest training camera toward it (what the fix
   rounds of Difix3D render);
-- wide poses: anywhere around the room's centre at varied distance and height.
+- wide poses: anywhere around the room's centre at varied distance and height;
+- the training poses themselves: renders there are nearly clean (only the under-trained snapshots
+  blur them), so these pairs teach Difix to leave good pixels alone, which Difix3D+ relies on when
+  it enhances every render. They are referenced by the nearest *other* training view, as Difix3D+'s
+  own enhancement of a training-view render would be.
 
 Output: `OUT/<scene>/ground-truth/{truth,step-XXXXX}/<pose>.png`, the references under
 `OUT/<scene>/images/`, and the manifest `OUT/<scene>/ground-truth.json` (written last: a finished
@@ -37,6 +41,7 @@ from difix3d.poses import nearest_poses, quaternion_slerp, matrix_to_quaternion,
 from difix3d.scenes import GroundTruth, load_ground_truth, look_at
 
 STRATEGY = "ground-truth"
+TRAINING_VIEW_PREFIX = "training_"
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class GroundTruthPairsConfig:
     """Poses on the way from a target's nearest training camera to it (fractions of the way)."""
     num_wide: int = 10
     """Poses anywhere around the scene's centre."""
+    training_views: bool = True
+    """Also pair renders at the training poses with their training images (near-identity pairs)."""
     seed_points: int = 3000
     """Seed points of the reconstruction (SfM's sparse points stand-in)."""
     supersample: int = 4
@@ -80,6 +87,9 @@ def novel_poses(ground_truth: GroundTruth, config: GroundTruthPairsConfig) -> di
             poses[f"extreme_{index:03d}_at_{round(100 * fraction):02d}"] = _interpolate(nearest, target, fraction)
     for index in range(config.num_wide):
         poses[f"wide_{index:03d}"] = aimed(rng.uniform(-110, 110), rng.uniform(2.2, 3.7), rng.uniform(0.7, 2.6))
+    if config.training_views:
+        for index, pose in enumerate(train):
+            poses[f"{TRAINING_VIEW_PREFIX}{index:03d}"] = pose
     return poses
 
 
@@ -107,7 +117,11 @@ def curate_ground_truth_scene(scene_dir: Path, out: Path, config: GroundTruthPai
     truth_dir = strategy_dir / "truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
-        if not (truth_dir / f"{name}.png").is_file():
+        if (truth_dir / f"{name}.png").is_file():
+            continue
+        if name.startswith(TRAINING_VIEW_PREFIX):  # the image the reconstruction was fitted to
+            _write_png(truth_dir / f"{name}.png", images[int(name.removeprefix(TRAINING_VIEW_PREFIX))])
+        else:
             _write_png(truth_dir / f"{name}.png", ground_truth.render(poses[name], supersample=config.supersample).rgb)
 
     novel = torch.from_numpy(np.stack([poses[name] for name in names])).float()
@@ -132,7 +146,9 @@ def curate_ground_truth_scene(scene_dir: Path, out: Path, config: GroundTruthPai
         on_step=render_snapshot, snapshot_steps=config.snapshot_steps, progress=progress,
     )  # fmt: skip
 
-    references = nearest_poses(novel[:, :3].double(), torch.from_numpy(train_poses[:, :3]))[0][:, 0].tolist()
+    # A training pose's nearest training view is itself; its pairs take the next one.
+    nearest_two = nearest_poses(novel[:, :3].double(), torch.from_numpy(train_poses[:, :3]), k=min(2, len(train_frames)))[0]
+    references = [int(row[-1] if name.startswith(TRAINING_VIEW_PREFIX) else row[0]) for name, row in zip(names, nearest_two)]
     images_dir = out / scene_id / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     pairs = []

@@ -99,10 +99,15 @@ def build_scenes(settings: Settings) -> None:
 def curate_pairs(settings: Settings) -> None:
     from difix3d.curation import CurateConfig, curate
 
+    # This process's share of the scenes, less those already curated: a scene curated by an earlier
+    # version of the engine keeps its pairs (its manifest records the settings it was made with).
+    pairs = settings.work / "pairs"
+    scenes = [folder for folder in scene_dirs(settings) if not (pairs / folder.name / "ground-truth.json").is_file()]
+    if not scenes:
+        return
     started = time.process_time()
-    result = curate(CurateConfig(scene=scene_dirs(dataclasses.replace(settings, shard=None)), out=settings.work / "pairs",
-                                 strategies=("ground-truth",), ground_truth_steps=settings.steps_3dgs,
-                                 test_fraction=TEST_FRACTION, shard=settings.shard))  # fmt: skip
+    result = curate(CurateConfig(scene=scenes, out=pairs, strategies=("ground-truth",), ground_truth_steps=settings.steps_3dgs,
+                                 test_fraction=TEST_FRACTION))  # fmt: skip
     record(settings, f"pairs{_shard_suffix(settings)}", {"cpu_seconds": round(time.process_time() - started, 1)})
     if result.dataset is not None:
         log(f"dataset: {result.num_train} train / {result.num_test} test pairs")

@@ -31,7 +31,8 @@ def scene(tmp_path_factory):
 def test_novel_poses_are_named_seeded_and_inside_the_room(scene):
     truth = load_ground_truth(scene)
     poses = novel_poses(truth, TINY)
-    assert list(poses) == ["extreme_000", "extreme_000_at_50", "extreme_001", "extreme_001_at_50", "wide_000"]
+    assert list(poses) == ["extreme_000", "extreme_000_at_50", "extreme_001", "extreme_001_at_50", "wide_000",
+                           "training_000", "training_001", "training_002", "training_003"]  # fmt: skip
     assert all(np.allclose(poses[name], again) for name, again in novel_poses(truth, TINY).items())
     for pose in poses.values():
         assert np.allclose(pose[:3, :3] @ pose[:3, :3].T, np.eye(3), atol=1e-6)
@@ -43,7 +44,7 @@ def test_curate_ground_truth_pairs_renders_with_truth_and_nearest_training_view(
     config = CurateConfig(scene=[scene], out=out, strategies=("ground-truth",), ground_truth_steps=10,
                           ground_truth_extreme=2, ground_truth_wide=1, test_fraction=0.0)  # fmt: skip
     result = curate(config)
-    assert result.curated == [("scene_a", "ground-truth")] and result.num_train == 7 * 3
+    assert result.curated == [("scene_a", "ground-truth")] and result.num_train == (7 + 4) * 3
     pairs = json.loads((out / "scene_a" / "ground-truth.json").read_text())["pairs"]
     assert {pair["step"] for pair in pairs} == {4, 7, 10}
     truth = load_ground_truth(scene)
@@ -56,6 +57,13 @@ def test_curate_ground_truth_pairs_renders_with_truth_and_nearest_training_view(
     pair = pairs[0]
     expected = truth.render(np.array(pair["pose"]), supersample=4).rgb
     assert np.abs(iio.imread(out / pair["target_image"]) / 255 - expected).max() <= 0.5 / 255 + 1e-4
+    # Near-identity pairs: a render at a training pose, its training image as target, the nearest
+    # other training view as reference.
+    frames = [frame for frame in truth.frames if frame.split == "train"]
+    for pair in (pair for pair in pairs if pair["view"].startswith("training_")):
+        own = frames[int(pair["view"].removeprefix("training_"))]
+        assert np.array_equal(iio.imread(out / pair["target_image"]), iio.imread(scene / own.file_path)[..., :3])
+        assert pair["ref_view"] != own.name
     # Finished scenes are skipped; other parameters are refused.
     assert curate(config).skipped == [("scene_a", "ground-truth")]
     with pytest.raises(Difix3DError, match="curated with"):
