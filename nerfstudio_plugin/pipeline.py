@@ -19,7 +19,6 @@ from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttrib
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from difix3d.checkpoint import load_difix
 from difix3d.core import Difix3DUpdate, Enhancer, EnhancerConfig
 from difix3d.devices import DtypeName, resolve_dtype
 from difix3d.errors import Difix3DError
@@ -115,6 +114,11 @@ class Difix3DPipeline(VanillaPipeline):
         # Offloading saves memory for training between fix rounds; ns-viewer, ns-render and ns-eval
         # (test_mode "test"/"inference") keep Difix on the device rather than move it every frame.
         offload = settings.offload and self.test_mode == "val"
+        # Imported here, not at the top: diffusers, peft and transformers add ~700 modules, and every
+        # nerfstudio command pays for each loaded module when its method table is built (nerfstudio's
+        # external-method stubs call inspect.stack(), which scans sys.modules per frame).
+        from difix3d.checkpoint import load_difix
+
         try:
             difix = load_difix(settings.model, device="cpu" if offload else device, dtype=dtype, base=settings.base)
         except Difix3DError as error:
