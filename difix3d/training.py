@@ -109,9 +109,9 @@ class TrainConfig:
     eval_every: int = 1000
     """Evaluate on the test split every N steps (and at the last step); 0: never."""
     eval_max_pairs: int = 32
+    """Test pairs used per evaluation (the first ones, in JSON order)."""
     eval_lpips_net: Literal["alex", "vgg"] = "alex"
     """Backbone of the evaluation's LPIPS: AlexNet (the paper's metric) or VGG-16."""
-    """Test pairs used per evaluation (the first ones, in JSON order)."""
     grid_rows: int = 4
     """Test pairs shown in each evaluation grid."""
     log_every: int = 10

@@ -98,10 +98,10 @@ class BenchQuality:
     results: Path = Path("benchmarks")
     """Where quality.json, quality.md, quality_grid.png and quality_rounds.png go."""
     quick: bool = False
+    """Smoke test: one small scene, very few steps (overrides the sizes below)."""
     baselines_only: bool = False
     """Run only the stages no Difix takes part in (evaluation scenes, plain 3DGS repeats), then stop:
     they can run while a Difix trains, and a later run of the same code reuses them."""
-    """Smoke test: one small scene, very few steps (overrides the sizes below)."""
     difix: str = "embedded"
     """The Difix to evaluate: a model folder, `embedded` (the Difix shipped in the package), or any
     `load_difix` spec (`random-tiny-architecture`: random weights, for smoke tests)."""

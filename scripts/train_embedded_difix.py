@@ -166,9 +166,12 @@ def identity_start_folder(settings: Settings, autoencoder: Path) -> Path:
 
 
 def train_difix(settings: Settings, dataset: Path, start: Path) -> None:
-    from difix3d.training import TrainConfig, train
+    """Stage 4. Run again with a larger `--difix-steps` (after more scenes were curated) to continue
+    from the last checkpoint on the enlarged dataset; each run is recorded with its pairs."""
+    from difix3d.training import TrainConfig, load_dataset, train
 
     folder = settings.work / "difix"
+    pairs = {split: len(found) for split, found in load_dataset(dataset).items()}
     started = time.process_time()
     result = train(
         TrainConfig(
@@ -178,8 +181,11 @@ def train_difix(settings: Settings, dataset: Path, start: Path) -> None:
             resume=(folder / "checkpoints").is_dir(),
         )
     )  # fmt: skip
-    record(settings, "difix", {"steps": result.final_step, "evaluations": result.evaluations,
-                               "cpu_seconds_this_run": round(time.process_time() - started, 1)})  # fmt: skip
+    runs = json.loads((settings.work / "record.json").read_text()).get("difix", {}).get("runs", [])
+    runs.append({"steps": [result.first_step, result.final_step], "pairs": pairs,
+                 "cpu_seconds": round(time.process_time() - started, 1)})  # fmt: skip
+    record(settings, "difix", {"steps": result.final_step, "evaluations": result.evaluations, "runs": runs,
+                               "cpu_seconds": round(sum(run["cpu_seconds"] for run in runs), 1)})  # fmt: skip
 
 
 def _shard_suffix(settings: Settings) -> str:
