@@ -3,9 +3,9 @@
 Differences from nerfstudio's SplatfactoModel, and why:
 - rasterization goes through `difix3d.rasterize` (gsplat on CUDA, PyTorch on CPU) and nothing calls
   `.cuda()`, so `--machine.device-type cpu` trains;
-- `populate_modules` is Splatfacto's, with seed colours applied on the CPU (Splatfacto puts them on
-  CUDA) and `difix3d.metrics.LPIPSMetric("alex")` as LPIPS instead of torchmetrics' (which
-  downloads AlexNet at construction): the same LPIPS v0.1, with ImageNet weights from
+- `populate_modules` sets up Splatfacto's modules with seed colours on the model's device (Splatfacto
+  puts them on CUDA) and `difix3d.metrics.LPIPSMetric("alex")` as LPIPS instead of torchmetrics'
+  (which downloads AlexNet at construction): the same LPIPS v0.1, with ImageNet weights from
   `difix3d.imagenet_weights`, never downloaded; where they are missing LPIPS is left out (logged);
 - pseudo-view batches carry a `mask` (applied by the parent) and a `loss_weight` (applied here);
 - `get_outputs_for_camera` adds `rgb_enhanced`: Difix on the render, referenced by the nearest
@@ -16,11 +16,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Dict, Tuple, Type, Union
-from unittest import mock
 
 import torch
+from gsplat.strategy import DefaultStrategy
 from nerfstudio.cameras.cameras import Cameras
-from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
+from nerfstudio.model_components.lib_bilagrid import BilateralGrid
+from nerfstudio.models.splatfacto import (
+    RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat, num_sh_bases, random_quat_tensor,
+)
+from nerfstudio.utils.colors import get_color
+from pytorch_msssim import SSIM
+from torchmetrics.image import PeakSignalNoiseRatio
 
 from difix3d.images import from_uint8
 from difix3d.metrics import LPIPSMetric
@@ -44,23 +50,66 @@ class Difix3DGSModel(EnhancedRenders, SplatfactoModel):
     config: Difix3DGSModelConfig
 
     def populate_modules(self) -> None:
-        # Splatfacto's own setup, with two differences. It moves seed colours to CUDA: it gets none,
-        # and they are applied here. It builds torchmetrics' LPIPS, which downloads AlexNet: that
-        # class is swapped for difix3d's offline LPIPS for the call (a plain attribute, not a
-        # submodule, so its weights stay out of the 3DGS checkpoints). Calling the parent (rather
-        # than copying its 60 lines) keeps its draws from the RNG, so runs reproduce earlier ones.
-        seed_points = self.seed_points
-        if seed_points is not None:
-            self.seed_points = (seed_points[0], seed_points[1][:0])
-        with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **_: LPIPSMetric("alex")):
-            super().populate_modules()
-        self.seed_points = seed_points
-        if seed_points is not None and not self.config.random_init and len(seed_points[1]) > 0:
-            colours = from_uint8(seed_points[1].to(torch.uint8))
-            if self.config.sh_degree > 0:
-                self.gauss_params["features_dc"].data = RGB2SH(colours)
-            else:
-                self.gauss_params["features_dc"].data = torch.logit(colours, eps=1e-10)
+        """Splatfacto's modules (nerfstudio 1.1.5), set up here for two reasons: Splatfacto builds seed
+        colours with `.cuda()`, and torchmetrics' LPIPS, which downloads AlexNet when it is built.
+
+        The random draws come in the order this plugin has always made them (Splatfacto's, plus its
+        random colours even for a seeded model), so a seed reproduces earlier runs and benchmarks.
+        """
+        config = self.config
+        seeded = self.seed_points is not None and not config.random_init
+        if seeded:
+            means = self.seed_points[0]
+        else:
+            means = (torch.rand((config.num_random, 3)) - 0.5) * config.random_scale
+        # Initial scale: the mean distance to the three nearest neighbours, in every axis.
+        neighbour_distances, _ = self.k_nearest_sklearn(means, 3)
+        log_scales = torch.log(torch.from_numpy(neighbour_distances).mean(dim=-1, keepdim=True)).repeat(1, 3)
+        num_points = means.shape[0]
+        quats = random_quat_tensor(num_points)
+        features_dc = torch.rand(num_points, 3)
+        if seeded and len(self.seed_points[1]) > 0:
+            colours = from_uint8(self.seed_points[1].to(torch.uint8))
+            features_dc = RGB2SH(colours) if config.sh_degree > 0 else torch.logit(colours, eps=1e-10)
+        gaussians = {
+            "means": means, "scales": log_scales, "quats": quats, "features_dc": features_dc,
+            "features_rest": torch.zeros((num_points, num_sh_bases(config.sh_degree) - 1, 3)),
+            "opacities": torch.logit(torch.full((num_points, 1), 0.1)),
+        }  # fmt: skip
+        self.gauss_params = torch.nn.ParameterDict({name: torch.nn.Parameter(value) for name, value in gaussians.items()})
+        self.camera_optimizer = config.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
+
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.ssim = SSIM(data_range=1.0, size_average=True, channel=3)
+        # A plain attribute, not a submodule: its weights stay out of the 3DGS checkpoints.
+        self.lpips = LPIPSMetric("alex")
+        self.step = 0
+        self.crop_box = None
+        # Splatfacto's "random" background renders, outside training, on viser's default colour.
+        self.background_color = (
+            torch.tensor([0.1490, 0.1647, 0.2157]) if config.background_color == "random" else get_color(config.background_color)
+        )
+        if config.use_bilateral_grid:
+            self.bil_grids = BilateralGrid(num=self.num_train_data, grid_X=config.grid_shape[0],
+                                           grid_Y=config.grid_shape[1], grid_W=config.grid_shape[2])  # fmt: skip
+        self.strategy = DefaultStrategy(
+            prune_opa=config.cull_alpha_thresh,
+            grow_grad2d=config.densify_grad_thresh,
+            grow_scale3d=config.densify_size_thresh,
+            grow_scale2d=config.split_screen_size,
+            prune_scale3d=config.cull_scale_thresh,
+            prune_scale2d=config.cull_screen_size,
+            refine_scale2d_stop_iter=config.stop_screen_size_at,
+            refine_start_iter=config.warmup_length,
+            refine_stop_iter=config.stop_split_at,
+            reset_every=config.reset_alpha_every * config.refine_every,
+            refine_every=config.refine_every,
+            pause_refine_after_reset=self.num_train_data + config.refine_every,
+            absgrad=config.use_absgrad,
+            revised_opacity=False,
+            verbose=True,
+        )
+        self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
 
     def load_state_dict(self, state_dict, strict: bool = True, **kwargs):  # type: ignore[override]
         """Load a checkpoint with a different number of Gaussians (a run that densified).
