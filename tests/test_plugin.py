@@ -79,20 +79,45 @@ def test_splatfacto_optimizers_are_nerfstudios_own_with_our_schedule():
 
 
 @pytest.mark.slow
-def test_bilateral_grid_trains(tiny_scene: Path, tmp_path: Path):
-    run_dir = ns_train(tiny_scene, tmp_path / "outputs", 3, "--pipeline.model.use-bilateral-grid", "True")
+def test_bilateral_grid_trains(small_scene: Path, tmp_path: Path):
+    run_dir = ns_train(small_scene, tmp_path / "outputs", 3, "--pipeline.model.use-bilateral-grid", "True")
     (checkpoint,) = (run_dir / "nerfstudio_models").iterdir()
     optimizers = torch.load(checkpoint, map_location="cpu", weights_only=False)["optimizers"]
     assert optimizers["bilateral_grid"]["state"], "the bilateral grid was not optimised"
 
 
-@pytest.mark.slow
-def test_train_render_eval(tiny_scene: Path, tmp_path: Path):
-    run_dir = ns_train(tiny_scene, tmp_path / "outputs", 300)
+@pytest.fixture(scope="module")
+def interrupted_and_resumed(small_scene: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """A run stopped after step 150 (one fix round, at 100) and its resume to step 250 (round 200)."""
+    outputs = tmp_path_factory.mktemp("runs")
+    first = ns_train(small_scene, outputs / "first", 150, "--steps-per-save", 1000)
+    # nerfstudio counts --max-num-iterations from the resumed step: steps 150..249.
+    resumed = ns_train(small_scene, outputs / "resumed", 100, "--load-dir", first / "nerfstudio_models")
+    return first, resumed
 
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_pseudo_views_and_poses(interrupted_and_resumed):
+    first, resumed = interrupted_and_resumed
+    before, after = manifest(first), manifest(resumed)
+    assert len(before["rounds"]) == 1
+    assert [round_["step"] for round_ in after["rounds"]] == [100, 200]
+    assert after["rounds"][0]["views"] == before["rounds"][0]["views"]
+    # Round 200 moved on from round 100's poses (restored), not from the training cameras.
+    assert all(
+        view["distance"] <= old["distance"] for view, old in zip(after["rounds"][1]["views"], before["rounds"][0]["views"])
+    )
+    assert any(
+        view["distance"] < old["distance"] for view, old in zip(after["rounds"][1]["views"], before["rounds"][0]["views"])
+    )
+
+
+@pytest.mark.slow
+def test_train_render_eval(interrupted_and_resumed, small_scene: Path, tmp_path: Path):
+    """The resumed run (fix rounds at 100 and 200) through ns-render and ns-eval."""
+    run_dir = interrupted_and_resumed[1]
     rounds = manifest(run_dir)["rounds"]
-    assert [round_["step"] for round_ in rounds] == [100, 200]
-    num_eval = len(list((tiny_scene / "images").glob("frame_eval_*")))
+    num_eval = len(list((small_scene / "images").glob("frame_eval_*")))
     assert all(len(round_["views"]) == num_eval for round_ in rounds)
     mean_distance = [sum(view["distance"] for view in r["views"]) / len(r["views"]) for r in rounds]
     assert mean_distance[1] < mean_distance[0]
@@ -103,7 +128,7 @@ def test_train_render_eval(tiny_scene: Path, tmp_path: Path):
     for name in ("rgb", "rgb_enhanced"):
         files = sorted((renders / "test" / name).iterdir())
         assert len(files) == num_eval
-        assert all(iio.imread(file).shape[:2] == (120, 160) for file in files)
+        assert all(iio.imread(file).shape[:2] == (60, 80) for file in files)
 
     metrics_path = tmp_path / "eval.json"
     run(BIN / "ns-eval", "--load-config", run_dir / "config.yml", "--output-path", metrics_path)
@@ -118,24 +143,3 @@ def test_train_render_eval(tiny_scene: Path, tmp_path: Path):
         assert not lpips_keys & set(results)
     else:
         assert all(0 <= results[key] < 1 for key in lpips_keys), results
-
-
-@pytest.mark.slow
-def test_interrupted_run_resumes_pseudo_views_and_poses(tiny_scene: Path, tmp_path: Path):
-    first = ns_train(tiny_scene, tmp_path / "first", 150, "--steps-per-save", 1000)
-    before = manifest(first)
-    assert len(before["rounds"]) == 1
-
-    checkpoints = first / "nerfstudio_models"
-    # nerfstudio counts --max-num-iterations from the resumed step: steps 150..249.
-    resumed = ns_train(tiny_scene, tmp_path / "resumed", 100, "--load-dir", checkpoints)
-    after = manifest(resumed)
-    assert [round_["step"] for round_ in after["rounds"]] == [100, 200]
-    assert after["rounds"][0]["views"] == before["rounds"][0]["views"]
-    # Round 200 moved on from round 100's poses (restored), not from the training cameras.
-    assert all(
-        view["distance"] <= old["distance"] for view, old in zip(after["rounds"][1]["views"], before["rounds"][0]["views"])
-    )
-    assert any(
-        view["distance"] < old["distance"] for view, old in zip(after["rounds"][1]["views"], before["rounds"][0]["views"])
-    )
