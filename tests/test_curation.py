@@ -407,21 +407,21 @@ def test_scene_ids_must_be_unique_across_all_shards(tiny_scene, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_scene(tmp_path_factory) -> Path:
+def second_scene(tmp_path_factory) -> Path:
     from difix3d.scenes import build_scene
 
-    scene_dir = tmp_path_factory.mktemp("small_scene") / "small"
+    scene_dir = tmp_path_factory.mktemp("second_scene") / "small"
     build_scene(scene_dir, seed=1, num_train=8, num_eval=4, log=lambda message: None)
     return scene_dir
 
 
 @pytest.mark.slow
-def test_curate_two_scenes_then_train_and_resume(tiny_scene, small_scene, tmp_path):
+def test_curate_two_scenes_then_train_and_resume(tiny_scene, second_scene, tmp_path):
     from difix3d.training import TrainConfig, load_dataset, train
 
     out = tmp_path / "curated"
     args = [
-        "curate", "--scene", str(tiny_scene), "--scene", str(small_scene), "--out", str(out),
+        "curate", "--scene", str(tiny_scene), "--scene", str(second_scene), "--out", str(out),
         "--strategies", "sparse", "underfit", "--steps", "20", "--underfit-fractions", "0.25", "0.75",
         "--test-fraction", "0.2", "--reconstructor", "nerfstudio",
     ]  # fmt: skip
@@ -430,12 +430,12 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, small_scene, tmp_pa
     dataset_path = out / "dataset.json"
     dataset = json.loads(dataset_path.read_text())
     pairs = {**dataset["train"], **dataset["test"]}
-    num_views = {scene: len(curation.load_scene(scene).names) for scene in (tiny_scene, small_scene)}
+    num_views = {scene: len(curation.load_scene(scene).names) for scene in (tiny_scene, second_scene)}
     # sparse: the views off every 4th; underfit: every view at steps 5 and 15.
     expected = sum(n - len(range(0, n, 4)) + 2 * n for n in num_views.values())
     assert len(pairs) == expected
     assert {(p["scene"], p["strategy"]) for p in pairs.values()} == {
-        (s.name, strategy) for s in (tiny_scene, small_scene) for strategy in ("sparse", "underfit")
+        (s.name, strategy) for s in (tiny_scene, second_scene) for strategy in ("sparse", "underfit")
     }
     assert {p["step"] for p in pairs.values() if p["strategy"] == "underfit"} == {5, 15}
     for pair in pairs.values():
@@ -461,7 +461,7 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, small_scene, tmp_pa
 
     # Run again: everything is found done and skipped (no reconstruction starts).
     result = curation.curate(CurateConfig(
-        scene=[tiny_scene, small_scene], out=out, strategies=("sparse", "underfit"), steps=20,
+        scene=[tiny_scene, second_scene], out=out, strategies=("sparse", "underfit"), steps=20,
         underfit_fractions=(0.25, 0.75), test_fraction=0.2, reconstructor="nerfstudio",
     ))  # fmt: skip
     assert result.curated == [] and len(result.skipped) == 4
