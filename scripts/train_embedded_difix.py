@@ -66,10 +66,14 @@ def log(message: str) -> None:
     print(f"[train_embedded_difix {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def record(settings: Settings, stage: str, values: dict) -> None:
+def record(settings: Settings, stage: str, values: dict, add_cpu_seconds: float | None = None) -> None:
+    """Merge `values` into WORK/record.json under `stage`; `add_cpu_seconds` adds to the stage's
+    `cpu_seconds` (a stage resumed in several runs counts them all)."""
     path = settings.work / "record.json"
     content = json.loads(path.read_text()) if path.is_file() else {}
     content[stage] = {**content.get(stage, {}), **values}
+    if add_cpu_seconds is not None:
+        content[stage]["cpu_seconds"] = round(content[stage].get("cpu_seconds", 0.0) + add_cpu_seconds, 1)
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(content, indent=1))
     temporary.replace(path)
@@ -95,7 +99,7 @@ def build_scenes(settings: Settings) -> None:
             seed = int(folder.name.split("_")[1])
             build_scene(folder, seed=seed, width=settings.width, height=settings.height, overwrite=True,
                         log=lambda message: None, sfm=False)  # fmt: skip
-    record(settings, f"scenes{_shard_suffix(settings)}", {"cpu_seconds": round(time.process_time() - started, 1)})
+    record(settings, f"scenes{_shard_suffix(settings)}", {}, add_cpu_seconds=time.process_time() - started)
 
 
 def curate_pairs(settings: Settings) -> None:
@@ -110,7 +114,7 @@ def curate_pairs(settings: Settings) -> None:
     started = time.process_time()
     result = curate(CurateConfig(scene=scenes, out=pairs, strategies=("ground-truth",), ground_truth_steps=settings.steps_3dgs,
                                  test_fraction=TEST_FRACTION))  # fmt: skip
-    record(settings, f"pairs{_shard_suffix(settings)}", {"cpu_seconds": round(time.process_time() - started, 1)})
+    record(settings, f"pairs{_shard_suffix(settings)}", {}, add_cpu_seconds=time.process_time() - started)
     if result.dataset is not None:
         log(f"dataset: {result.num_train} train / {result.num_test} test pairs")
 
