@@ -97,22 +97,27 @@ def test_load_keeps_the_optimizers_on_the_model_parameters():
 
 @pytest.fixture(scope="module")
 def densified_run(tiny_scene, tmp_path_factory) -> Path:
-    """25 steps that densified (from step 20): its checkpoint holds more Gaussians than it started with."""
-    run = ns_train(tiny_scene, tmp_path_factory.mktemp("densified"), 25, *DENSIFY)
+    """35 steps with a refinement at step 30 (Splatfacto pauses refinement for its first 22 steps
+    here): the checkpoint at step 34 holds another number of Gaussians than SfM's seed points."""
+    import pycolmap
+
+    run = ns_train(tiny_scene, tmp_path_factory.mktemp("densified"), 35, *DENSIFY)
+    seed_points = pycolmap.Reconstruction(str(tiny_scene / "sparse" / "0")).num_points3D()
+    assert gaussian_count(run / "nerfstudio_models" / "step-000000034.ckpt") != seed_points
     return run
 
 
 @pytest.mark.slow
 def test_resume_past_densification(densified_run, tiny_scene, tmp_path):
     """Case 4: `--load-dir` of a run that densified died at the next refinement with an IndexError."""
-    checkpoint = densified_run / "nerfstudio_models" / "step-000000024.ckpt"
+    checkpoint = densified_run / "nerfstudio_models" / "step-000000034.ckpt"
     loaded = gaussian_count(checkpoint)
-    # Steps 25..44: refinements at 30 and 40 work on the loaded Gaussians.
+    # Steps 35..54: refinements at 40 and 50 work on the loaded Gaussians.
     resumed = ns_train(tiny_scene, tmp_path / "resumed", 20, *DENSIFY, "--load-dir", checkpoint.parent)
-    final = gaussian_count(resumed / "nerfstudio_models" / "step-000000044.ckpt")
+    final = gaussian_count(resumed / "nerfstudio_models" / "step-000000054.ckpt")
     assert final != loaded
     started = ns_train(tiny_scene, tmp_path / "from_checkpoint", 10, *DENSIFY, "--load-checkpoint", checkpoint)
-    assert (started / "nerfstudio_models" / "step-000000034.ckpt").is_file()
+    assert (started / "nerfstudio_models" / "step-000000044.ckpt").is_file()
 
 
 # ----------------------------------------------------------------------- case 5: a killed save
@@ -123,9 +128,9 @@ def test_broken_newest_checkpoint_does_not_block_resume(densified_run, tiny_scen
     """Case 5: a run killed while saving left a 0-byte newest checkpoint; --load-dir died with EOFError."""
     checkpoints = tmp_path / "nerfstudio_models"
     shutil.copytree(densified_run / "nerfstudio_models", checkpoints)
-    (checkpoints / "step-000000030.ckpt").write_bytes(b"")  # what the kill left
+    (checkpoints / "step-000000040.ckpt").write_bytes(b"")  # what the kill left
     resumed = ns_train(tiny_scene, tmp_path / "resumed", 2, "--load-dir", checkpoints)
-    assert (resumed / "nerfstudio_models" / "step-000000026.ckpt").is_file()  # resumed from step 24
+    assert (resumed / "nerfstudio_models" / "step-000000036.ckpt").is_file()  # resumed from step 34
 
 
 def test_checkpoint_writes_are_atomic(tmp_path):
