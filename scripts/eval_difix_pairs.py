@@ -1,0 +1,85 @@
+"""Score Difix models on a curated dataset's test pairs, per kind of pair: input vs output.
+
+    python scripts/eval_difix_pairs.py --dataset WORK/pairs/dataset.json --model embedded --model OTHER_DIR
+
+The kind of a ground-truth pair is the kind of its pose (`difix3d.ground_truth_pairs`): `training`
+(a render at a training pose: near-identity), `extreme`, `progressive` (on the way to an extreme
+pose) or `wide`; other strategies' pairs count as `other`. Prints a table and, with `--json`, writes
+the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+from tqdm.auto import tqdm
+
+
+@dataclass
+class EvalPairs:
+    dataset: Path
+    """Dataset JSON written by `difix3d curate` (its test split is scored)."""
+    model: list[str] = field(default_factory=lambda: ["embedded"])
+    """Difix models (`load_difix` specs; `embedded` is the packaged one)."""
+    max_pairs: int = 0
+    """Score only the first N test pairs (0: all)."""
+    json: Path | None = None
+
+
+def pair_kind(pair_id: str) -> str:
+    view = pair_id.rsplit("/", 1)[-1]
+    if "/ground-truth/" not in pair_id:
+        return "other"
+    if view.startswith("training_"):
+        return "training"
+    if re.fullmatch(r"extreme_\d+_at_\d+", view):
+        return "progressive"
+    return view.split("_", 1)[0]
+
+
+@torch.no_grad()
+def main(settings: EvalPairs) -> dict:
+    from difix3d.checkpoint import EMBEDDED_DIFIX, load_difix
+    from difix3d.metrics import LPIPSMetric, psnr, ssim
+    from difix3d.runtime import configure_cpu_runtime
+    from difix3d.training import load_dataset, load_pair_images
+
+    configure_cpu_runtime(1)
+    pairs = load_dataset(settings.dataset)["test"]
+    pairs = pairs[: settings.max_pairs] if settings.max_pairs else pairs
+    lpips = LPIPSMetric("alex")
+    models = {spec: load_difix(EMBEDDED_DIFIX if spec == "embedded" else spec, device="cpu").eval() for spec in settings.model}
+    scores: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for pair in tqdm(pairs, desc="pairs", unit="pair"):
+        image, target, ref = (None if t is None else t[None] for t in load_pair_images(pair))
+        outputs = {"input": image.float(), **{spec: model.fix(image, refs=ref).float().clamp(0, 1) for spec, model in models.items()}}
+        for kind in (pair_kind(pair.id), "all"):
+            for name, output in outputs.items():
+                scores[kind][name]["psnr"].append(float(psnr(output, target)))
+                scores[kind][name]["ssim"].append(float(ssim(output, target)))
+                value = lpips(output, target)
+                if value is not None:
+                    scores[kind][name]["lpips"].append(float(value))
+    summary = {
+        kind: {"pairs": len(by_name["input"]["psnr"]),
+               **{name: {metric: float(np.mean(values)) for metric, values in metrics.items()} for name, metrics in by_name.items()}}
+        for kind, by_name in sorted(scores.items())
+    }  # fmt: skip
+    print(f"{'pairs':<12} {'n':>4}  " + "  ".join(f"{name[-28:]:>28}" for name in ["input", *settings.model]))
+    for kind, row in summary.items():
+        cells = [f"{row[name]['psnr']:.2f} / {row[name]['ssim']:.3f} / {row[name].get('lpips', float('nan')):.3f}" for name in ["input", *settings.model]]
+        print(f"{kind:<12} {row['pairs']:>4}  " + "  ".join(f"{cell:>28}" for cell in cells))
+    if settings.json is not None:
+        settings.json.write_text(json.dumps({"dataset": settings.dataset.name, "models": settings.model, "summary": summary}, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(EvalPairs))
