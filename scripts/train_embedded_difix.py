@@ -58,6 +58,11 @@ class Settings:
     lambda_gram: float = 0.5
     """The paper's L = L2 + LPIPS + 0.5 Gram."""
     gram_warmup_steps: int = 2000
+    near_identity_repeats: int = 1
+    """How many times each training-pose pair (a nearly clean render and its own training image) is
+    listed in the training split: Difix3D+ needs Difix to leave clean renders alone."""
+    difix_run: str = "difix"
+    """Folder of the Difix run inside WORK (copy a run's folder to branch it off at its last checkpoint)."""
     eval_pairs: int = 64
     """Test pairs of each Difix evaluation (the first ones of the dataset's test split)."""
 
@@ -176,7 +181,7 @@ def train_difix(settings: Settings, dataset: Path, start: Path) -> None:
     from the last checkpoint on the enlarged dataset; each run is recorded with its pairs."""
     from difix3d.training import TrainConfig, load_dataset, train
 
-    folder = settings.work / "difix"
+    folder = settings.work / settings.difix_run
     pairs = {split: len(found) for split, found in load_dataset(dataset).items()}
     started = time.process_time()
     result = train(
@@ -187,10 +192,10 @@ def train_difix(settings: Settings, dataset: Path, start: Path) -> None:
             resume=(folder / "checkpoints").is_dir(),
         )
     )  # fmt: skip
-    runs = json.loads((settings.work / "record.json").read_text()).get("difix", {}).get("runs", [])
+    runs = json.loads((settings.work / "record.json").read_text()).get(settings.difix_run, {}).get("runs", [])
     runs.append({"steps": [result.first_step, result.final_step], "pairs": pairs,
                  "cpu_seconds": round(time.process_time() - started, 1)})  # fmt: skip
-    record(settings, "difix", {"steps": result.final_step, "evaluations": result.evaluations, "runs": runs,
+    record(settings, settings.difix_run, {"steps": result.final_step, "evaluations": result.evaluations, "runs": runs,
                                "cpu_seconds": round(sum(run["cpu_seconds"] for run in runs), 1)})  # fmt: skip
 
 
@@ -213,9 +218,26 @@ def main(settings: Settings) -> None:
     if "difix" in settings.stages:
         from difix3d.curation import assemble_dataset
 
-        assemble_dataset(settings.work / "pairs", test_fraction=TEST_FRACTION)
+        dataset = assemble_dataset(settings.work / "pairs", test_fraction=TEST_FRACTION)
+        dataset_file = settings.work / "pairs" / "dataset.json"
+        if settings.near_identity_repeats > 1:
+            dataset_file = write_repeated_near_identity(dataset, dataset_file, settings.near_identity_repeats)
         start = identity_start_folder(settings, settings.work / "autoencoder")
-        train_difix(settings, settings.work / "pairs" / "dataset.json", start)
+        train_difix(settings, dataset_file, start)
+
+
+def write_repeated_near_identity(dataset: dict, dataset_file: Path, repeats: int) -> Path:
+    """A copy of the dataset JSON (next to it, so its relative paths hold) whose training split lists
+    every training-pose pair `repeats` times."""
+    from difix3d.ground_truth_pairs import TRAINING_VIEW_PREFIX
+
+    train = dict(dataset["train"])
+    for pair_id, pair in dataset["train"].items():
+        if pair.get("view", "").startswith(TRAINING_VIEW_PREFIX):
+            train.update({f"{pair_id}#{copy}": pair for copy in range(2, repeats + 1)})
+    weighted = dataset_file.with_name(f"{dataset_file.stem}_near_identity_x{repeats}.json")
+    weighted.write_text(json.dumps({**dataset, "train": train}, indent=1))
+    return weighted
 
 
 if __name__ == "__main__":
