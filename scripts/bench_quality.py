@@ -49,6 +49,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -848,7 +849,9 @@ def write_model_card_section(card: Path, report: dict, table: str) -> None:
     if start >= 0:
         end = text.find("\n## ", start + 1)
         text = text[:start] + (text[end:] if end >= 0 else "")
-    section = "\n## Benchmark\n\n" + f"`{report['command']}`\n\n" + table.split("\n", 2)[2]
+    # The report's own sections become subsections, so the whole of it is replaced next time.
+    body = re.sub(r"^(#{2,}) ", r"#\1 ", table.split("\n", 2)[2], flags=re.MULTILINE)
+    section = "\n## Benchmark\n\n" + f"`{report['command']}`\n\n" + body
     card.write_text(text.rstrip("\n") + "\n" + section)
     log(f"wrote the benchmark into {card}")
 

@@ -72,8 +72,10 @@ def test_quick_benchmark_reports_resumes_repeats_and_refuses_other_code(tmp_path
     scene_dir = work / "eval" / "eval_1000"
     for folder in scene_dir.glob("difix-*"):
         shutil.rmtree(folder)
-    again = bench("--difix", "random-tiny-architecture", work=work, results=tmp_path / "results_again")
+    again = bench("--difix", "random-tiny-architecture", "--model-card", card, work=work, results=tmp_path / "results_again")
     assert again.returncode == 0, again.stderr[-3000:]
+    rewritten = card.read_text()  # the whole benchmark section replaced, nothing of the first run's left
+    assert rewritten.count("## Benchmark") == 1 and rewritten.count("### Results") == 1 and "## Training\n\nkept" in rewritten
     ran = json.loads((tmp_path / "results_again" / "quality.json").read_text())["timing"]["stages_run_now"]
     assert any(name.endswith("/difix3d") for name in ran) and not any("plain_seed" in name for name in ran)
     assert scores(tmp_path / "results_again") == scores(results)
