@@ -35,9 +35,10 @@ browser:
 	  echo "make browser: could not install Debian's chromium + chromium-driver; the browser test will be skipped"
 
 # Every test, the slow end-to-end tier included, one worker per core (a test file stays on one
-# worker, so its module fixtures are built once). `make test-fast` skips the slow tier.
+# worker, so its module fixtures are built once; the 15 slowest are listed at the end).
+# `make test-fast` skips the slow tier.
 test: setup
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
