@@ -28,6 +28,7 @@ from nerfstudio.utils.colors import get_color
 from pytorch_msssim import SSIM
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from difix3d.gaussians import EVAL_BACKGROUND
 from difix3d.images import from_uint8
 from difix3d.metrics import LPIPSMetric
 from difix3d.rasterize import rasterization
@@ -87,7 +88,7 @@ class Difix3DGSModel(EnhancedRenders, SplatfactoModel):
         self.crop_box = None
         # Splatfacto's "random" background renders, outside training, on viser's default colour.
         self.background_color = (
-            torch.tensor([0.1490, 0.1647, 0.2157]) if config.background_color == "random" else get_color(config.background_color)
+            torch.tensor(EVAL_BACKGROUND) if config.background_color == "random" else get_color(config.background_color)
         )
         if config.use_bilateral_grid:
             self.bil_grids = BilateralGrid(num=self.num_train_data, grid_X=config.grid_shape[0],

@@ -34,10 +34,12 @@ class EvalPairs:
 
 
 def pair_kind(pair_id: str) -> str:
+    from difix3d.ground_truth_pairs import STRATEGY, TRAINING_VIEW_PREFIX
+
     view = pair_id.rsplit("/", 1)[-1]
-    if "/ground-truth/" not in pair_id:
+    if f"/{STRATEGY}/" not in pair_id:
         return "other"
-    if view.startswith("training_"):
+    if view.startswith(TRAINING_VIEW_PREFIX):
         return "training"
     if re.fullmatch(r"extreme_\d+_at_\d+", view):
         return "progressive"
@@ -60,13 +62,13 @@ def main(settings: EvalPairs) -> dict:
     for pair in tqdm(pairs, desc="pairs", unit="pair"):
         image, target, ref = (None if t is None else t[None] for t in load_pair_images(pair))
         outputs = {"input": image.float(), **{spec: model.fix(image, refs=ref).float().clamp(0, 1) for spec, model in models.items()}}
-        for kind in (pair_kind(pair.id), "all"):
-            for name, output in outputs.items():
-                scores[kind][name]["psnr"].append(float(psnr(output, target)))
-                scores[kind][name]["ssim"].append(float(ssim(output, target)))
-                value = lpips(output, target)
-                if value is not None:
-                    scores[kind][name]["lpips"].append(float(value))
+        for name, output in outputs.items():
+            value = lpips(output, target)
+            measured = {"psnr": float(psnr(output, target)), "ssim": float(ssim(output, target)),
+                        **({} if value is None else {"lpips": float(value)})}  # fmt: skip
+            for kind in (pair_kind(pair.id), "all"):
+                for metric, number in measured.items():
+                    scores[kind][name][metric].append(number)
     summary = {
         kind: {"pairs": len(by_name["input"]["psnr"]),
                **{name: {metric: float(np.mean(values)) for metric, values in metrics.items()} for name, metrics in by_name.items()}}

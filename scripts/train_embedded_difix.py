@@ -108,12 +108,12 @@ def build_scenes(settings: Settings) -> None:
 
 
 def curate_pairs(settings: Settings) -> None:
-    from difix3d.curation import CurateConfig, curate
+    from difix3d.curation import GROUND_TRUTH, CurateConfig, curate
 
     # This process's share of the scenes, less those already curated: a scene curated by an earlier
     # version of the engine keeps its pairs (its manifest records the settings it was made with).
     pairs = settings.work / "pairs"
-    scenes = [folder for folder in scene_dirs(settings) if not (pairs / folder.name / "ground-truth.json").is_file()]
+    scenes = [folder for folder in scene_dirs(settings) if not (pairs / folder.name / f"{GROUND_TRUTH}.json").is_file()]
     if not scenes:
         return
     started = time.process_time()
@@ -179,10 +179,10 @@ def identity_start_folder(settings: Settings, autoencoder: Path) -> Path:
 def train_difix(settings: Settings, dataset: Path, start: Path) -> None:
     """Stage 4. Run again with a larger `--difix-steps` (after more scenes were curated) to continue
     from the last checkpoint on the enlarged dataset; each run is recorded with its pairs."""
-    from difix3d.training import TrainConfig, load_dataset, train
+    from difix3d.training import TrainConfig, train
 
     folder = settings.work / settings.difix_run
-    pairs = {split: len(found) for split, found in load_dataset(dataset).items()}
+    pairs = {split: len(found) for split, found in json.loads(dataset.read_text()).items()}  # train() checks the files
     started = time.process_time()
     result = train(
         TrainConfig(
