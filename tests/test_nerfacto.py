@@ -119,3 +119,37 @@ def test_pseudo_view_ray_batch_in_process(small_scene: Path, tmp_path: Path):
     plain = pipeline.model.get_loss_dict(outputs, {k: v for k, v in batch.items() if k != "loss_weight"},
                                          pipeline.model.get_metrics_dict(outputs, batch))["rgb_loss"]
     torch.testing.assert_close(weighted, plain * 0.3)
+
+
+def test_model_is_nerfactos_own_without_torchmetrics_lpips():
+    """populate_modules sets up nerfacto's modules itself (torchmetrics' LPIPS downloads AlexNet): the
+    same submodules, parameters and seeded initial weights as nerfstudio's NerfactoModel."""
+    from unittest import mock
+
+    import torch
+    from nerfstudio.data.scene_box import SceneBox
+    from nerfstudio.models.nerfacto import NerfactoModelConfig
+
+    from difix3d.metrics import LPIPSMetric
+    from nerfstudio_plugin.nerfacto import Difix3DNerfactoModelConfig
+
+    small = {"log2_hashmap_size": 10, "num_levels": 4, "proposal_net_args_list": [
+        {"hidden_dim": 8, "log2_hashmap_size": 8, "num_levels": 2, "max_res": 64, "use_linear": False}] * 2}
+
+    def build(config):
+        torch.manual_seed(0)
+        return config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0, -1, -1], [1, 1, 1]])), num_train_data=4, metadata={})
+
+    ours = build(Difix3DNerfactoModelConfig(**small))
+    # nerfstudio's own, with torchmetrics' LPIPS stubbed here (in the test) so it builds offline.
+    with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **kwargs: None):
+        theirs = build(NerfactoModelConfig(**small))
+    assert isinstance(ours.lpips, LPIPSMetric) and "lpips" not in ours._modules
+    def submodules(model):
+        return [(name, type(module)) for name, module in model.named_modules() if name]
+
+    assert submodules(ours) == submodules(theirs)
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert ours_state.keys() == theirs_state.keys()
+    assert all(torch.equal(ours_state[key], theirs_state[key]) for key in ours_state)
+    assert len(ours.density_fns) == len(theirs.density_fns) and ours.proposal_sampler.update_sched(50) == theirs.proposal_sampler.update_sched(50)
