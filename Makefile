@@ -34,14 +34,17 @@ browser:
 	  { $$( [ "$$(id -u)" = 0 ] || echo sudo -n ) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver'; } || \
 	  echo "make browser: could not install Debian's chromium + chromium-driver; the browser test will be skipped"
 
-# Every test, the slow end-to-end tier included, one worker per core (a test file stays on one
-# worker, so its module fixtures are built once; the 15 slowest are listed at the end).
+# Every test, the slow end-to-end tier included, one worker per core. A test file stays on one
+# worker, so its module fixtures are built once; files go out in collection order, longest first
+# (tests/conftest.py), not xdist's default of most tests first. The 15 slowest are listed at the end.
 # `make test-fast` skips the slow tier.
+XDIST := -n auto --dist loadfile --no-loadscope-reorder
+
 test: setup
-	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
+	$(PY) -m pytest -q $(XDIST) --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 demo: setup
 	$(PY) scripts/demo.py

@@ -11,6 +11,19 @@ from difix3d.runtime import configure_cpu_runtime
 
 configure_cpu_runtime(1)  # the test run is an entry point; tests that change threads restore them
 
+# `make test` hands whole files to its workers in collection order (`--dist loadfile
+# --no-loadscope-reorder`): the files of the long end-to-end runs go first, so no worker is left
+# alone with one at the end. Heaviest first, by their time in `make test` (--durations).
+LONGEST_FILES_FIRST = (
+    "test_bench_quality.py", "test_curation.py", "test_plugin_failures.py", "test_viewer_browser.py",
+    "test_nerfacto.py", "test_plugin.py", "test_training_multiprocess.py", "test_gpu_check.py", "test_simple_trainer.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
+
 
 @pytest.fixture(scope="session")
 def tiny_scene(tmp_path_factory) -> Path:

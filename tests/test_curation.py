@@ -411,17 +411,17 @@ def second_scene(tmp_path_factory) -> Path:
     from difix3d.scenes import build_scene
 
     scene_dir = tmp_path_factory.mktemp("second_scene") / "small"
-    build_scene(scene_dir, seed=1, num_train=8, num_eval=4, log=lambda message: None)
+    build_scene(scene_dir, seed=1, width=80, height=60, num_train=8, num_eval=4, log=lambda message: None)
     return scene_dir
 
 
 @pytest.mark.slow
-def test_curate_two_scenes_then_train_and_resume(tiny_scene, second_scene, tmp_path):
+def test_curate_two_scenes_then_train_and_resume(small_scene, second_scene, tmp_path):
     from difix3d.training import TrainConfig, load_dataset, train
 
     out = tmp_path / "curated"
     args = [
-        "curate", "--scene", str(tiny_scene), "--scene", str(second_scene), "--out", str(out),
+        "curate", "--scene", str(small_scene), "--scene", str(second_scene), "--out", str(out),
         "--strategies", "sparse", "underfit", "--steps", "20", "--underfit-fractions", "0.25", "0.75",
         "--test-fraction", "0.2", "--reconstructor", "nerfstudio",
     ]  # fmt: skip
@@ -430,12 +430,12 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, second_scene, tmp_p
     dataset_path = out / "dataset.json"
     dataset = json.loads(dataset_path.read_text())
     pairs = {**dataset["train"], **dataset["test"]}
-    num_views = {scene: len(curation.load_scene(scene).names) for scene in (tiny_scene, second_scene)}
+    num_views = {scene: len(curation.load_scene(scene).names) for scene in (small_scene, second_scene)}
     # sparse: the views off every 4th; underfit: every view at steps 5 and 15.
     expected = sum(n - len(range(0, n, 4)) + 2 * n for n in num_views.values())
     assert len(pairs) == expected
     assert {(p["scene"], p["strategy"]) for p in pairs.values()} == {
-        (s.name, strategy) for s in (tiny_scene, second_scene) for strategy in ("sparse", "underfit")
+        (s.name, strategy) for s in (small_scene, second_scene) for strategy in ("sparse", "underfit")
     }
     assert {p["step"] for p in pairs.values() if p["strategy"] == "underfit"} == {5, 15}
     for pair in pairs.values():
@@ -444,10 +444,10 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, second_scene, tmp_p
         assert pair["ref_view"] != pair["view"]
         assert np.abs(image[..., :3].astype(float) - target[..., :3]).mean() > 1  # a degraded render
         assert np.array(pair["pose"]).shape == np.array(pair["ref_pose"]).shape == (4, 4)
-    view = Path(curation.load_scene(tiny_scene).names[0]).stem
-    early, late = (iio.imread(out / tiny_scene.name / "underfit" / f"step{s:06d}" / f"{view}.png") for s in (5, 15))
+    view = Path(curation.load_scene(small_scene).names[0]).stem
+    early, late = (iio.imread(out / small_scene.name / "underfit" / f"step{s:06d}" / f"{view}.png") for s in (5, 15))
     assert not np.array_equal(early, late)  # each step's own checkpoint rendered
-    assert not (out / tiny_scene.name / "work").exists()  # work folders are removed when done
+    assert not (out / small_scene.name / "work").exists()  # work folders are removed when done
 
     splits = load_dataset(dataset_path)
     assert len(splits["train"]) == len(dataset["train"]) > 0
@@ -461,7 +461,7 @@ def test_curate_two_scenes_then_train_and_resume(tiny_scene, second_scene, tmp_p
 
     # Run again: everything is found done and skipped (no reconstruction starts).
     result = curation.curate(CurateConfig(
-        scene=[tiny_scene, second_scene], out=out, strategies=("sparse", "underfit"), steps=20,
+        scene=[small_scene, second_scene], out=out, strategies=("sparse", "underfit"), steps=20,
         underfit_fractions=(0.25, 0.75), test_fraction=0.2, reconstructor="nerfstudio",
     ))  # fmt: skip
     assert result.curated == [] and len(result.skipped) == 4
@@ -477,11 +477,11 @@ def degraded_pairs(out: Path, pairs: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_cross_end_to_end_with_the_library_reconstructor(tiny_scene, tmp_path):
+def test_cross_end_to_end_with_the_library_reconstructor(small_scene, tmp_path):
     out = tmp_path / "curated"
-    main(["curate", "--scene", str(tiny_scene), "--out", str(out), "--strategies", "cross", "--steps", "150", "--device", "cpu"])
-    pairs = json.loads((out / tiny_scene.name / "cross.json").read_text())["pairs"]
-    groups = curation.camera_groups(curation.load_scene(tiny_scene), "auto", 2)
+    main(["curate", "--scene", str(small_scene), "--out", str(out), "--strategies", "cross", "--steps", "150", "--device", "cpu"])
+    pairs = json.loads((out / small_scene.name / "cross.json").read_text())["pairs"]
+    groups = curation.camera_groups(curation.load_scene(small_scene), "auto", 2)
     assert sorted(pair["view"] for pair in pairs) == sorted(groups[1])
     degraded_pairs(out, pairs)
     dataset = json.loads((out / "dataset.json").read_text())
@@ -489,14 +489,14 @@ def test_cross_end_to_end_with_the_library_reconstructor(tiny_scene, tmp_path):
 
 
 @pytest.mark.slow
-def test_cycle_end_to_end_with_the_library_reconstructor(tiny_scene, tmp_path):
+def test_cycle_end_to_end_with_the_library_reconstructor(small_scene, tmp_path):
     out = tmp_path / "curated"
-    main(["curate", "--scene", str(tiny_scene), "--out", str(out), "--strategies", "cycle", "--steps", "150",
+    main(["curate", "--scene", str(small_scene), "--out", str(out), "--strategies", "cycle", "--steps", "150",
           "--device", "cpu", "--keep-work"])  # fmt: skip
-    pairs = json.loads((out / tiny_scene.name / "cycle.json").read_text())["pairs"]
-    scene = curation.load_scene(tiny_scene)
+    pairs = json.loads((out / small_scene.name / "cycle.json").read_text())["pairs"]
+    scene = curation.load_scene(small_scene)
     assert sorted(pair["view"] for pair in pairs) == scene.names
     degraded_pairs(out, pairs)
     # The second model learnt from the first one's renders of the shifted poses, which exist.
-    shifted = sorted((out / tiny_scene.name / "work" / "cycle" / "cycle_first" / "renders" / "latest").glob("*.png"))
+    shifted = sorted((out / small_scene.name / "work" / "cycle" / "cycle_first" / "renders" / "latest").glob("*.png"))
     assert len(shifted) == len(scene.names)
