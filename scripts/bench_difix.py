@@ -17,6 +17,7 @@ counts and sizes in the order given (put the most wanted first).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import platform
@@ -154,9 +155,9 @@ def _bench_model(name: str, args: Args, device: torch.device) -> list[dict]:
         views = torch.rand(1, 1 + num_refs, 3, height, width, device=device)
         image, refs = views[:, 0], (views[:, 1:] if num_refs else None)
         scaled = (views * 2 - 1).to(dtype)
-        functions = {"ours": lambda: difix.fix(image, refs)}
+        functions = {"ours": functools.partial(difix.fix, image, refs)}
         if args.naive and not compiled:
-            functions["naive"] = lambda: _naive_fix(difix, text_encoder, token_ids, scaled)
+            functions["naive"] = functools.partial(_naive_fix, difix, text_encoder, token_ids, scaled)
         row = dict(model=name, dtype=dtype_name, height=height, width=width, refs=num_refs, compiled=compiled)
         with torch.inference_mode():
             if compiled:  # the first call of a new shape compiles it
