@@ -9,6 +9,7 @@ as unavailable (None), with the reason logged once.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -118,6 +119,20 @@ class LPIPSMetric:
         self.model.to(prediction.device)  # computed where the images are (a no-op after the first call)
         distance = self.model(prediction.float(), target.float().to(prediction.device), normalize=True)
         return distance.flatten()
+
+
+SSIM_WINDOW = 11  # pixels: SSIM's Gaussian window; smaller images get NaN, not a number from padding
+
+
+def image_scores(prediction: torch.Tensor, target: torch.Tensor, lpips: LPIPSMetric | None = None) -> dict[str, float]:
+    """PSNR, SSIM and, when `lpips` has its weights, LPIPS of one image against its ground truth
+    ([1, 3, H, W] in [0, 1]): how the Difix evaluations and the benchmarks score every image."""
+    scores = {"psnr": float(psnr(prediction, target))}
+    scores["ssim"] = float(ssim(prediction, target)) if min(prediction.shape[-2:]) >= SSIM_WINDOW else math.nan
+    value = None if lpips is None else lpips(prediction, target)
+    if value is not None:
+        scores["lpips"] = float(value)
+    return scores
 
 
 def _check_pair(prediction: torch.Tensor, target: torch.Tensor) -> None:

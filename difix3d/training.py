@@ -54,7 +54,7 @@ from difix3d.errors import Difix3DError
 from difix3d.images import load_image, save_image
 from difix3d.losses import GRAM_LAYER_WEIGHTS, DifixLoss, LossTerms
 from difix3d.imagenet_weights import describe, find_imagenet_weights
-from difix3d.metrics import LPIPSMetric, psnr, ssim
+from difix3d.metrics import LPIPSMetric, image_scores
 from difix3d.model_ids import DEFAULT_BASE
 
 logger = logging.getLogger(__name__)
@@ -477,11 +477,8 @@ class DifixTrainer:
                 with self.accelerator.autocast():
                     output = model.fix(image, refs=ref).float().clamp(0, 1)
                 for prefix, scored in (("", output), ("input_", image.float())):
-                    scores[f"{prefix}psnr"].append(float(psnr(scored, target)))
-                    scores[f"{prefix}ssim"].append(float(ssim(scored, target)) if min(pair.size) >= 11 else math.nan)
-                    lpips_value = self.lpips_metric(scored, target)
-                    if lpips_value is not None:
-                        scores[f"{prefix}lpips"].append(float(lpips_value))
+                    for name, value in image_scores(scored, target, self.lpips_metric).items():
+                        scores[f"{prefix}{name}"].append(value)
                 if len(rows) < self.config.grid_rows:
                     rows.append([image, output, target, ref])
             metrics = {"step": self.step, "pairs": len(pairs), "lpips_net": self.config.eval_lpips_net}

@@ -519,14 +519,9 @@ class Scorer:
         self.lpips_unavailable = self.lpips.unavailable_reason
 
     def __call__(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        from difix3d.metrics import psnr, ssim
+        from difix3d.metrics import image_scores
 
-        prediction, target = prediction[None], target[None]
-        scores = {"psnr": float(psnr(prediction, target)), "ssim": float(ssim(prediction, target))}
-        lpips = self.lpips(prediction, target)
-        if lpips is not None:
-            scores["lpips"] = float(lpips)
-        return scores
+        return image_scores(prediction[None], target[None], self.lpips)
 
     def folder(self, folder: Path, scene: Path, names: list[str]) -> dict[str, dict[str, float]]:
         return {name: self(load_rgb(folder / name), load_rgb(scene / "images" / name)) for name in names}

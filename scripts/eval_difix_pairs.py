@@ -49,7 +49,7 @@ def pair_kind(pair_id: str) -> str:
 @torch.no_grad()
 def main(settings: EvalPairs) -> dict:
     from difix3d.checkpoint import EMBEDDED_DIFIX, load_difix
-    from difix3d.metrics import LPIPSMetric, psnr, ssim
+    from difix3d.metrics import LPIPSMetric, image_scores
     from difix3d.runtime import configure_cpu_runtime
     from difix3d.training import load_dataset, load_pair_images
 
@@ -63,9 +63,7 @@ def main(settings: EvalPairs) -> dict:
         image, target, ref = (None if t is None else t[None] for t in load_pair_images(pair))
         outputs = {"input": image.float(), **{spec: model.fix(image, refs=ref).float().clamp(0, 1) for spec, model in models.items()}}
         for name, output in outputs.items():
-            value = lpips(output, target)
-            measured = {"psnr": float(psnr(output, target)), "ssim": float(ssim(output, target)),
-                        **({} if value is None else {"lpips": float(value)})}  # fmt: skip
+            measured = image_scores(output, target, lpips)
             for kind in (pair_kind(pair.id), "all"):
                 for metric, number in measured.items():
                     scores[kind][name][metric].append(number)

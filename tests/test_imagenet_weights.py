@@ -238,3 +238,19 @@ def test_real_lpips_is_zero_on_identical_images_and_grows_with_noise(net):
     distances = [float(metric(image, (image + level * noise).clamp(0, 1))) for level in (0.0, 0.03, 0.1, 0.3)]
     assert distances[0] == pytest.approx(0.0, abs=1e-6)
     assert distances == sorted(distances) and distances[1] > 0.005 and distances[-1] > 0.2, distances
+
+
+def test_image_scores_leave_out_what_cannot_be_measured():
+    """One scoring for evaluations and benchmarks: SSIM is NaN below its window, LPIPS absent without weights."""
+    import math
+
+    from difix3d.metrics import image_scores
+
+    target = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    noisy = (target + 0.1).clamp(0, 1)
+    scores = image_scores(noisy, target)
+    assert set(scores) == {"psnr", "ssim"} and 15 < scores["psnr"] < 40 and scores["ssim"] < 1
+    assert math.isnan(image_scores(noisy[..., :8, :8], target[..., :8, :8])["ssim"])
+    unavailable = LPIPSMetric.__new__(LPIPSMetric)
+    unavailable.model = None
+    assert "lpips" not in image_scores(noisy, target, unavailable)
