@@ -561,6 +561,14 @@ class DifixTrainer:
         # Read to the CPU (a process's device may be "cpu:N", which torch.load cannot map to);
         # load_state_dict moves the state next to its parameters.
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+        # The optimizer state carries the earlier run's learning rate and weight decay: this run's flags win.
+        wanted = {"lr": self.config.learning_rate, "weight_decay": self.config.weight_decay}
+        earlier = {(group["lr"], group["weight_decay"]) for group in optimizer.param_groups}
+        if earlier != {tuple(wanted.values())}:
+            logger.info("resuming with learning rate %g, weight decay %g (the checkpoint's run: %s)",
+                        *wanted.values(), ", ".join(f"{lr:g}, {decay:g}" for lr, decay in sorted(earlier)))  # fmt: skip
+        for group in optimizer.param_groups:
+            group.update(wanted)
         if self.accelerator.scaler is not None and (directory / "grad_scaler.pt").is_file():
             self.accelerator.scaler.load_state_dict(torch.load(directory / "grad_scaler.pt", weights_only=True))
         logger.info("resumed from %s (step %d)", directory, state["step"])

@@ -102,6 +102,10 @@ def test_resume_continues_bit_for_bit(full_run, dataset, tmp_path):
     resumed = train(_config(dataset, output, steps=12, resume=True))
     assert resumed.first_step == 11
     assert resumed.losses == uninterrupted.losses[10:12]
+    # A resumed run takes its own learning rate, not the one stored in the optimizer state.
+    train(_config(dataset, output, steps=13, resume=True, learning_rate=1e-3))
+    saved = torch.load(sorted((output / "checkpoints").iterdir())[-1] / "optimizer.pt", weights_only=True)
+    assert [group["lr"] for group in saved["param_groups"]] == [1e-3]
 
 
 def test_missing_file_fails_before_training_with_the_path(dataset, tmp_path, capsys):
