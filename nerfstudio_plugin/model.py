@@ -26,7 +26,6 @@ from nerfstudio.models.splatfacto import (
 )
 from nerfstudio.utils.colors import get_color
 from pytorch_msssim import SSIM
-from torchmetrics.image import PeakSignalNoiseRatio
 
 from difix3d.gaussians import EVAL_BACKGROUND
 from difix3d.images import from_uint8
@@ -79,6 +78,9 @@ class Difix3DGSModel(EnhancedRenders, SplatfactoModel):
         }  # fmt: skip
         self.gauss_params = torch.nn.ParameterDict({name: torch.nn.Parameter(value) for name, value in gaussians.items()})
         self.camera_optimizer = config.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
+
+        # Imported here, as nerfstudio does: at import time torchmetrics would add 2-3 s to every ns-* start.
+        from torchmetrics.image import PeakSignalNoiseRatio
 
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = SSIM(data_range=1.0, size_average=True, channel=3)

@@ -29,8 +29,6 @@ from nerfstudio.model_components.shaders import NormalsShader
 from nerfstudio.models.base_model import Model
 from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
 from nerfstudio.utils import colormaps
-from torchmetrics.functional import structural_similarity_index_measure
-from torchmetrics.image import PeakSignalNoiseRatio
 
 from difix3d.metrics import LPIPSMetric
 from nerfstudio_plugin.enhanced_outputs import EnhancedRenders
@@ -104,6 +102,10 @@ class Difix3DNerfactoModel(EnhancedRenders, NerfactoModel):
         self.renderer_normals = NormalsRenderer()
         self.normals_shader = NormalsShader()
         self.rgb_loss = MSELoss()
+        # Imported here, as nerfstudio does: at import time torchmetrics would add 2-3 s to every ns-* start.
+        from torchmetrics.functional import structural_similarity_index_measure
+        from torchmetrics.image import PeakSignalNoiseRatio
+
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = structural_similarity_index_measure
         # A plain attribute, not a submodule: its weights stay out of the checkpoints.

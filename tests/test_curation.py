@@ -406,22 +406,15 @@ def test_scene_ids_must_be_unique_across_all_shards(tiny_scene, tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def second_scene(tmp_path_factory) -> Path:
-    from difix3d.scenes import build_scene
-
-    scene_dir = tmp_path_factory.mktemp("second_scene") / "small"
-    build_scene(scene_dir, seed=1, width=80, height=60, num_train=8, num_eval=4, log=lambda message: None)
-    return scene_dir
-
-
 @pytest.mark.slow
-def test_curate_two_scenes_then_train_and_resume(small_scene, second_scene, tmp_path):
+def test_curate_with_nerfstudio_then_train_and_resume(small_scene, tmp_path):
+    """The nerfstudio reconstructor end to end (ns-train and ns-render; several scenes are the fake
+    reconstructor's tests above): both of its render paths, a Difix trained on the result, a rerun that finds all done."""
     from difix3d.training import TrainConfig, load_dataset, train
 
     out = tmp_path / "curated"
     args = [
-        "curate", "--scene", str(small_scene), "--scene", str(second_scene), "--out", str(out),
+        "curate", "--scene", str(small_scene), "--out", str(out),
         "--strategies", "sparse", "underfit", "--steps", "20", "--underfit-fractions", "0.25", "0.75",
         "--test-fraction", "0.2", "--reconstructor", "nerfstudio",
     ]  # fmt: skip
@@ -430,13 +423,10 @@ def test_curate_two_scenes_then_train_and_resume(small_scene, second_scene, tmp_
     dataset_path = out / "dataset.json"
     dataset = json.loads(dataset_path.read_text())
     pairs = {**dataset["train"], **dataset["test"]}
-    num_views = {scene: len(curation.load_scene(scene).names) for scene in (small_scene, second_scene)}
+    n = len(curation.load_scene(small_scene).names)
     # sparse: the views off every 4th; underfit: every view at steps 5 and 15.
-    expected = sum(n - len(range(0, n, 4)) + 2 * n for n in num_views.values())
-    assert len(pairs) == expected
-    assert {(p["scene"], p["strategy"]) for p in pairs.values()} == {
-        (s.name, strategy) for s in (small_scene, second_scene) for strategy in ("sparse", "underfit")
-    }
+    assert len(pairs) == n - len(range(0, n, 4)) + 2 * n
+    assert {(p["scene"], p["strategy"]) for p in pairs.values()} == {(small_scene.name, "sparse"), (small_scene.name, "underfit")}
     assert {p["step"] for p in pairs.values() if p["strategy"] == "underfit"} == {5, 15}
     for pair in pairs.values():
         image, target, ref = (iio.imread(out / pair[key]) for key in ("image", "target_image", "ref_image"))
@@ -461,10 +451,10 @@ def test_curate_two_scenes_then_train_and_resume(small_scene, second_scene, tmp_
 
     # Run again: everything is found done and skipped (no reconstruction starts).
     result = curation.curate(CurateConfig(
-        scene=[small_scene, second_scene], out=out, strategies=("sparse", "underfit"), steps=20,
+        scene=[small_scene], out=out, strategies=("sparse", "underfit"), steps=20,
         underfit_fractions=(0.25, 0.75), test_fraction=0.2, reconstructor="nerfstudio",
     ))  # fmt: skip
-    assert result.curated == [] and len(result.skipped) == 4
+    assert result.curated == [] and len(result.skipped) == 2
     assert json.loads(dataset_path.read_text()) == dataset
 
 
