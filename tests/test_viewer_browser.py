@@ -210,8 +210,8 @@ def browser():
     browser.close()
 
 
-def test_viewer_shows_rgb_enhanced(tiny_scene: Path, tmp_path: Path, browser: Browser):
-    run_dir = ns_train(tiny_scene, tmp_path / "outputs", 30)
+def test_viewer_shows_rgb_enhanced(small_scene: Path, tmp_path: Path, browser: Browser):
+    run_dir = ns_train(small_scene, tmp_path / "outputs", 30)
     viewer = Viewer(run_dir / "config.yml", browser)
     try:
         assert viewer.output_type() == "rgb"  # the viewer's first output: its frames are rgb frames
@@ -230,8 +230,8 @@ def test_viewer_shows_rgb_enhanced(tiny_scene: Path, tmp_path: Path, browser: Br
     assert difference > 2.0, f"the rgb_enhanced frame is the rgb frame (mean difference {difference:.2f})"
 
 
-def test_plain_run_offers_no_rgb_enhanced(tiny_scene: Path, tmp_path: Path, browser: Browser):
-    run_dir = ns_train(tiny_scene, tmp_path / "outputs", 10, "--pipeline.difix.enabled", "False")
+def test_plain_run_offers_no_rgb_enhanced(small_scene: Path, tmp_path: Path, browser: Browser):
+    run_dir = ns_train(small_scene, tmp_path / "outputs", 10, "--pipeline.difix.enabled", "False")
     viewer = Viewer(run_dir / "config.yml", browser)
     try:
         options = viewer.output_options()
