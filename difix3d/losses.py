@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-import lpips
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -120,6 +119,8 @@ class DifixLoss(nn.Module):
 
     def lpips_from_features(self, prediction: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
         """LPIPS (batch mean) from precomputed VGG features, exactly as `lpips.LPIPS` combines them."""
+        import lpips  # with torchvision, 2-3 s: imported by what computes a loss, not by `difix3d --help`
+
         total = prediction[0].new_zeros((), dtype=torch.float32)
         for linear, feature_pred, feature_target in zip(self.vgg.lins, prediction, target):
             difference = (lpips.normalize_tensor(feature_pred.float()) - lpips.normalize_tensor(feature_target.float())).square()

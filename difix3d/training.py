@@ -49,7 +49,6 @@ import torch.nn.functional as F
 import tyro
 from safetensors.torch import load_file, save_file
 
-from difix3d.checkpoint import save_pretrained
 from difix3d.errors import Difix3DError
 from difix3d.images import load_image, save_image
 from difix3d.losses import GRAM_LAYER_WEIGHTS, DifixLoss, LossTerms
@@ -592,6 +591,8 @@ class DifixTrainer:
 
     def save_model(self, result: TrainResult) -> None:
         """Save the trained model into the output folder (`save_pretrained`) with its model card."""
+        from difix3d.checkpoint import save_pretrained  # diffusers: imported when a model is saved, not by `difix3d --help`
+
         self.accelerator.wait_for_everyone()
         if self._is_main:
             model = self.accelerator.unwrap_model(self.model)
