@@ -38,14 +38,12 @@ def fix_command(
         ref: Optional reference image, or a folder paired with the inputs by file name, else by order
             (ignored, with a warning, by a model trained without references such as nvidia/difix).
         model: Hub id (e.g. nvidia/difix_ref), difix3d or diffusers folder, or release .pkl; default: the
-            embedded tiny Difix trained on procedural scenes.
+            embedded small Difix trained on procedural scenes.
         base: SD-Turbo base (hub id or folder) that a release .pkl is applied to.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" is bfloat16 on CUDA and float32 on CPU.
         overwrite: Redo images whose output already exists (they are skipped otherwise).
     """
-    from difix3d.checkpoint import load_difix  # diffusers: imported only when a command runs
-
     if random_weights_architecture(model) is not None:
         raise Difix3DError(
             f"--model {model} has random weights and would write noise; fix with a trained Difix "
@@ -55,8 +53,10 @@ def fix_command(
     _refuse_overwriting_sources(output, input, ref, names)
     reference_for = _reference_lookup(ref, names)
     torch_device = resolve_device(device)
+    from difix3d.checkpoint import load_difix  # diffusers: imported once the inputs are known to be good
+
     difix = load_difix(model, device=torch_device, dtype=resolve_dtype(dtype, torch_device), base=base)
-    embedded = " (embedded default: tiny Difix trained on procedural scenes; --model nvidia/difix_ref for photographs)"
+    embedded = " (embedded default: a small Difix trained on procedural scenes on the CPU; --model nvidia/difix_ref for photographs)"
     print(f"Difix model: {model}" + (embedded if model == EMBEDDED_DIFIX else ""))
     written = skipped = 0
     for index, (name, load) in enumerate(tqdm(frames, total=count, desc="difix3d fix", unit="image")):

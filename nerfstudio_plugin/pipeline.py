@@ -124,7 +124,7 @@ class Difix3DPipeline(VanillaPipeline):
         except Difix3DError as error:
             hint = ""
             if device.type == "cpu":
-                hint = f"; on a CPU, the embedded tiny Difix needs no download: --pipeline.difix.model {EMBEDDED_DIFIX}"
+                hint = f"; on a CPU, the embedded Difix needs no download: --pipeline.difix.model {EMBEDDED_DIFIX}"
             raise Difix3DError(f"--pipeline.difix.model {settings.model}: {error}{hint}") from None
         CONSOLE.log(f"Difix: {settings.model} on {device} ({dtype}){', offloaded between rounds' if offload else ''}")
         return DifixFixer(difix, device=device, offload=offload)

@@ -34,7 +34,7 @@ def renders(tmp_path):
 
 
 def _fix(*args: str) -> None:
-    main(["fix", "--device", "cpu", *args])  # the embedded tiny Difix: trained, and small
+    main(["fix", "--device", "cpu", *args])  # the embedded Difix: trained, and small
 
 
 def test_fix_folder_writes_every_image_at_its_size(renders, tmp_path, capsys) -> None:
