@@ -43,14 +43,18 @@ def test_demo_ends_with_the_run_and_the_next_commands(tmp_path, monkeypatch, cap
     monkeypatch.setattr(demo, "train_render_eval", fake_train_render_eval)
     scores = {"psnr": {"mean": 15.5}, "ssim": {"mean": 0.6}, "lpips": {"mean": 0.2}}
     benchmark = tmp_path / "quality.json"
+    scene_means = {method: {"psnr": 17.25, "ssim": 0.625, "lpips": 0.25} for method in ("3dgs", "difix3d", "difix3d+")}
     benchmark.write_text(json.dumps({
-        "difix": {"spec": "embedded"}, "scenes": [{}] * 6, "code": {"current": {"commit": "a" * 40}},
-        "summary": {"methods": {method: scores for method in ("3dgs", "difix3d", "difix3d+")}},
+        "difix": {"spec": "embedded"}, "code": {"current": {"commit": "a" * 40}},
+        "scenes": [{"scene": f"eval_{seed}", "mean": scene_means} for seed in range(1000, 1006)],
+        "summary": {"methods": {method: scores for method in ("3dgs", "difix3d", "difix3d+")}, "noise_floor": {"seeds": [0, 1, 2]}},
     }))  # fmt: skip
     demo.main(demo.Demo(output=output, benchmark=benchmark))
     printed = capsys.readouterr().out
     assert "The benchmark's means over 6 held-out scenes" in printed and "aaaaaaaaaaaa" in printed
     assert "Difix3D+     15.50  0.6000  0.2000" in printed
+    # The demo's runs are the benchmark's seed-0 runs of its scene: that scene's row is shown too.
+    assert "This scene in the benchmark (eval_1002, the same runs)" in printed and "Difix3D+     17.25  0.6250  0.2500" in printed
     config = output / "runs" / "difix3d" / "difix3d-gs" / "run" / "config.yml"
     assert f"The Difix3D run: {config}" in printed
     assert f"ns-render dataset --load-config {config}" in printed
