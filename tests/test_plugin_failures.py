@@ -184,12 +184,11 @@ def test_eval_without_held_out_views_and_render_without_difix(tiny_scene, tmp_pa
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (("--pipeline.progressive.steps-per-fix", "0"), "--pipeline.progressive.steps-per-fix must be >= 1"),
         (("--pipeline.progressive.num-refs", "99"), "--pipeline.progressive.num-refs 99 is more than the 12 training images"),
         (("--pipeline.difix.model", "nvidia/difix_ref"), "--pipeline.difix.model DIFIX3D_EMBEDDED"),
         (("--pipeline.difix.model", "sd-turbo"), "random-sd-turbo-architecture"),
     ],
-    ids=["steps_per_fix 0", "num_refs too large", "offline default model", "architecture name"],
+    ids=["num_refs too large", "offline default model", "architecture name"],
 )
 @pytest.mark.slow  # no training, but starting ns-train took 80 s on the shared 2-core machine
 def test_project_errors_in_ns_train_are_one_line(tiny_scene, tmp_path, flags, expected):
@@ -200,6 +199,15 @@ def test_project_errors_in_ns_train_are_one_line(tiny_scene, tmp_path, flags, ex
     error = one_line_error(result, "ns-train")
     assert expected.replace("DIFIX3D_EMBEDDED", EMBEDDED_DIFIX) in error
     assert "--model DIR" not in error
+
+
+def test_progressive_settings_are_checked_under_the_plugins_flag_names():
+    """The check behind case 9's other flags, in-process (the ones above go through ns-train)."""
+    from difix3d.errors import Difix3DError
+    from difix3d.progressive import ProgressiveConfig
+
+    with pytest.raises(Difix3DError, match="--pipeline.progressive.steps-per-fix must be >= 1, got 0"):
+        ProgressiveConfig(steps_per_fix=0).validate(flag_prefix="--pipeline.progressive.")
 
 
 def test_truncated_colmap_model_is_named(tiny_scene, tmp_path):
