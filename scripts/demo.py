@@ -108,6 +108,12 @@ def _column_labels(width: int, labels: tuple[str, ...], height: int = 18) -> np.
     return np.asarray(band)
 
 
+def print_row(label: str, psnr: float, ssim: float, lpips: float | None) -> None:
+    """One line of the demo's tables (LPIPS "n/a" where it could not be measured)."""
+    lpips_text = f"{lpips:7.4f}" if lpips is not None else "    n/a"
+    print(f"{label:10s} {psnr:7.2f} {ssim:7.4f} {lpips_text}")
+
+
 def print_benchmark_means(demo: Demo, rows) -> None:
     """The benchmark's means for the same methods (one scene is one sample; they are the claim)."""
     if not demo.benchmark.is_file():
@@ -121,16 +127,14 @@ def print_benchmark_means(demo: Demo, rows) -> None:
           f"(benchmarks/quality.md, commit {report['code']['current']['commit'][:12]}):")
     for label, method in zip([row[0] for row in rows], ("3dgs", "difix3d", "difix3d+")):
         scores = methods[method]
-        lpips = f"{scores['lpips']['mean']:7.4f}" if scores.get("lpips") else "    n/a"
-        print(f"{label:10s} {scores['psnr']['mean']:7.2f} {scores['ssim']['mean']:7.4f} {lpips}")
+        print_row(label, scores["psnr"]["mean"], scores["ssim"]["mean"], (scores.get("lpips") or {}).get("mean"))
     same_scene = [scene for scene in report["scenes"] if scene["scene"] == f"eval_{demo.seed}"]
     if same_scene and demo.train_seed == report["summary"]["noise_floor"]["seeds"][0]:
         # The same runs, scored from the benchmark's saved PNGs: equal to the demo's up to 8-bit rounding.
         print(f"\nThis scene in the benchmark ({same_scene[0]['scene']}, the same runs):")
         for label, method in zip([row[0] for row in rows], ("3dgs", "difix3d", "difix3d+")):
             scores = same_scene[0]["mean"][method]
-            lpips = f"{scores['lpips']:7.4f}" if "lpips" in scores else "    n/a"
-            print(f"{label:10s} {scores['psnr']:7.2f} {scores['ssim']:7.4f} {lpips}")
+            print_row(label, scores["psnr"], scores["ssim"], scores.get("lpips"))
 
 
 def main(demo: Demo) -> None:
@@ -161,9 +165,7 @@ def main(demo: Demo) -> None:
     rows = [("3DGS", plain, ""), ("Difix3D", fixed, ""), ("Difix3D+", fixed, "_enhanced")]
     print(f"{'method':10s} {'PSNR':>7s} {'SSIM':>7s} {'LPIPS':>7s}   (LPIPS: AlexNet, lower is better)")
     for label, results, suffix in rows:
-        lpips = results.get(f"lpips{suffix}")
-        lpips_text = f"{lpips:7.4f}" if lpips is not None else "    n/a"
-        print(f"{label:10s} {results[f'psnr{suffix}']:7.2f} {results[f'ssim{suffix}']:7.4f} {lpips_text}")
+        print_row(label, results[f"psnr{suffix}"], results[f"ssim{suffix}"], results.get(f"lpips{suffix}"))
     if any(f"lpips{suffix}" not in results for _, results, suffix in rows):
         print(f"(LPIPS n/a: {missing_weights_message('alex')})")
     print_benchmark_means(demo, rows)

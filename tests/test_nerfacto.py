@@ -145,6 +145,7 @@ def test_model_is_nerfactos_own_without_torchmetrics_lpips():
     with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **kwargs: None):
         theirs = build(NerfactoModelConfig(**small))
     assert isinstance(ours.lpips, LPIPSMetric) and "lpips" not in ours._modules
+
     def submodules(model):
         return [(name, type(module)) for name, module in model.named_modules() if name]
 
