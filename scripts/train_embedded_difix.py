@@ -61,6 +61,9 @@ class Settings:
     near_identity_repeats: int = 1
     """How many times each training-pose pair (a nearly clean render and its own training image) is
     listed in the training split: Difix3D+ needs Difix to leave clean renders alone."""
+    clean_identity_repeats: int = 0
+    """How many times the training split lists, for each training pose of the near-identity pairs,
+    its ray-traced truth as both input and target (same reference): Difix must leave clean images alone."""
     difix_run: str = "difix"
     """Folder of the Difix run inside WORK (copy a run's folder to branch it off at its last checkpoint)."""
     eval_pairs: int = 64
@@ -220,22 +223,28 @@ def main(settings: Settings) -> None:
 
         dataset = assemble_dataset(settings.work / "pairs", test_fraction=TEST_FRACTION)
         dataset_file = settings.work / "pairs" / "dataset.json"
-        if settings.near_identity_repeats > 1:
-            dataset_file = write_repeated_near_identity(dataset, dataset_file, settings.near_identity_repeats)
+        if settings.near_identity_repeats > 1 or settings.clean_identity_repeats > 0:
+            dataset_file = write_identity_weighted(dataset, dataset_file, settings.near_identity_repeats, settings.clean_identity_repeats)
         start = identity_start_folder(settings, settings.work / "autoencoder")
         train_difix(settings, dataset_file, start)
 
 
-def write_repeated_near_identity(dataset: dict, dataset_file: Path, repeats: int) -> Path:
+def write_identity_weighted(dataset: dict, dataset_file: Path, near_identity_repeats: int, clean_identity_repeats: int) -> Path:
     """A copy of the dataset JSON (next to it, so its relative paths hold) whose training split lists
-    every training-pose pair `repeats` times."""
+    every training-pose pair `near_identity_repeats` times and adds `clean_identity_repeats` copies of
+    a clean pair per training pose (its truth as input and target, the same reference)."""
     from difix3d.ground_truth_pairs import TRAINING_VIEW_PREFIX
 
     train = dict(dataset["train"])
     for pair_id, pair in dataset["train"].items():
-        if pair.get("view", "").startswith(TRAINING_VIEW_PREFIX):
-            train.update({f"{pair_id}#{copy}": pair for copy in range(2, repeats + 1)})
-    weighted = dataset_file.with_name(f"{dataset_file.stem}_near_identity_x{repeats}.json")
+        if not pair.get("view", "").startswith(TRAINING_VIEW_PREFIX):
+            continue
+        train.update({f"{pair_id}#{copy}": pair for copy in range(2, near_identity_repeats + 1)})
+        clean_id = f"{pair['scene']}/clean/{pair['view']}"
+        clean = {**pair, "image": pair["target_image"], "variant": "clean", "step": None}
+        train.update({f"{clean_id}#{copy}": clean for copy in range(1, clean_identity_repeats + 1)})
+    suffix = f"_near_identity_x{near_identity_repeats}" + (f"_clean_x{clean_identity_repeats}" if clean_identity_repeats else "")
+    weighted = dataset_file.with_name(f"{dataset_file.stem}{suffix}.json")
     weighted.write_text(json.dumps({**dataset, "train": train}, indent=1))
     return weighted
 
