@@ -68,27 +68,26 @@ def test_quick_benchmark_reports_resumes_repeats_and_refuses_other_code(tmp_path
     assert "old numbers" not in written and "| Difix3D+ |" in written and written.count("## Benchmark") == 1
     assert "## Training\n\nkept" in written
 
-    # The Difix stages run again give the same numbers.
+    # A stage from other code is refused, unless asked for; the Difix stages, run again then, give
+    # the same numbers (one run checks both: each benchmark run starts nerfstudio four times).
     scene_dir = work / "eval" / "eval_1000"
-    for folder in scene_dir.glob("difix-*"):
-        shutil.rmtree(folder)
-    again = bench("--difix", "random-tiny-architecture", "--model-card", card, work=work, results=tmp_path / "results_again")
-    assert again.returncode == 0, again.stderr[-3000:]
-    rewritten = card.read_text()  # the whole benchmark section replaced, nothing of the first run's left
-    assert rewritten.count("## Benchmark") == 1 and rewritten.count("### Results") == 1 and "## Training\n\nkept" in rewritten
-    ran = json.loads((tmp_path / "results_again" / "quality.json").read_text())["timing"]["stages_run_now"]
-    assert any(name.endswith("/difix3d") for name in ran) and not any("plain_seed" in name for name in ran)
-    assert scores(tmp_path / "results_again") == scores(results)
-
-    # A stage from other code is refused, unless asked for.
     record_path = scene_dir / "plain_seed1" / "stage.json"
     record = json.loads(record_path.read_text())
     record["code"] = {"commit": "0" * 40, "dirty": False, "code_hash": "another-code"}
     record_path.write_text(json.dumps(record))
     refused = bench("--difix", "random-tiny-architecture", work=work, results=tmp_path / "results_mixed")
     assert refused.returncode != 0 and "other code" in refused.stderr and "Traceback" not in refused.stderr
-    mixed = bench("--difix", "random-tiny-architecture", "--allow-mixed-code", work=work, results=tmp_path / "results_mixed")
+    for folder in scene_dir.glob("difix-*"):
+        shutil.rmtree(folder)
+    mixed = bench("--difix", "random-tiny-architecture", "--allow-mixed-code", "--model-card", card,
+                  work=work, results=tmp_path / "results_mixed")
     assert mixed.returncode == 0, mixed.stderr[-3000:]
-    versions = json.loads((tmp_path / "results_mixed" / "quality.json").read_text())["code"]["stages"]
+    again = json.loads((tmp_path / "results_mixed" / "quality.json").read_text())
+    versions = again["code"]["stages"]
     assert {version["commit"] for version in versions} == {"0" * 40, report["code"]["current"]["commit"]}
     assert "000000000000" in (tmp_path / "results_mixed" / "quality.md").read_text()
+    ran = again["timing"]["stages_run_now"]
+    assert any(name.endswith("/difix3d") for name in ran) and not any("plain_seed" in name for name in ran)
+    assert scores(tmp_path / "results_mixed") == scores(results)
+    rewritten = card.read_text()  # the whole benchmark section replaced, nothing of the first run's left
+    assert rewritten.count("## Benchmark") == 1 and rewritten.count("### Results") == 1 and "## Training\n\nkept" in rewritten
