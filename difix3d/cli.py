@@ -16,12 +16,14 @@ from difix3d.runtime import configure_cpu_runtime
 
 def _commands() -> dict:
     # Imported here so `difix3d --help` pays only for the modules it describes.
-    from difix3d import curation, fix, imagenet_weights, scenes, training
+    from difix3d import fix, imagenet_weights
+    from difix3d.data import curation, scenes
+    from difix3d.training import finetune
 
     return {
         "scene": scenes.scene_command,
         "fix": fix.fix_command,
-        "train": training.train_command,
+        "train": finetune.train_command,
         "curate": curation.curate_command,
         "weights": imagenet_weights.weights_command,
     }

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from difix3d.model_ids import DEFAULT_BASE, EMBEDDED_DIFIX, random_weights_architecture
 from difix3d.devices import DtypeName, resolve_device, resolve_dtype
 from difix3d.errors import Difix3DError
 from difix3d.images import IMAGE_SUFFIXES, is_video, list_images, load_image, read_video, save_image
+from difix3d.models.ids import DEFAULT_BASE, EMBEDDED_DIFIX, random_weights_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def fix_command(
     _refuse_overwriting_sources(output, input, ref, names)
     reference_for = _reference_lookup(ref, names)
     torch_device = resolve_device(device)
-    from difix3d.checkpoint import load_difix  # diffusers: imported once the inputs are known to be good
+    from difix3d.models.checkpoint import load_difix  # diffusers: imported once the inputs are known to be good
 
     difix = load_difix(model, device=torch_device, dtype=resolve_dtype(dtype, torch_device), base=base)
     embedded = " (embedded default: a small Difix trained on procedural scenes on the CPU; --model nvidia/difix_ref for photographs)"

@@ -21,9 +21,9 @@ from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
-from difix3d.progressive import ProgressiveConfig
-from nerfstudio_plugin.dataparser import Difix3DColmapDataParserConfig
+from difix3d.core.progressive import ProgressiveConfig
 from nerfstudio_plugin.datamanager import Difix3DDatamanagerConfig, Difix3DRayDatamanagerConfig
+from nerfstudio_plugin.dataparser import Difix3DColmapDataParserConfig
 from nerfstudio_plugin.model import Difix3DGSModelConfig
 from nerfstudio_plugin.nerfacto import Difix3DNerfactoModelConfig
 from nerfstudio_plugin.pipeline import Difix3DNerfactoPipelineConfig, Difix3DPipelineConfig

@@ -1,6 +1,6 @@
 """Training data plus the pseudo views of the progressive update, for both nerfstudio hosts.
 
-Each step, `next_train` asks the core (`difix3d.core.Difix3DUpdate.draw_pseudo_view`) whether this
+Each step, `next_train` asks the core (`difix3d.core.steps.Difix3DUpdate.draw_pseudo_view`) whether this
 batch is a pseudo view (probability `pseudo_view_prob`) and which one.
 - `Difix3DDatamanager` (full images, difix3d-gs): a pseudo batch carries its fixed image, its
   accumulation mask and its `loss_weight`, which the model turns into the weighted, masked loss.
@@ -19,7 +19,7 @@ from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager, FullImageDatamanagerConfig
 
-from difix3d.core import Difix3DUpdate
+from difix3d.core.steps import Difix3DUpdate
 from difix3d.images import from_uint8
 
 

@@ -1,7 +1,7 @@
 """Splatfacto, made device-agnostic and offline-safe, with Difix3D+ enhanced renders.
 
 Differences from nerfstudio's SplatfactoModel, and why:
-- rasterization goes through `difix3d.rasterize` (gsplat on CUDA, PyTorch on CPU) and nothing calls
+- rasterization goes through `difix3d.rendering.rasterize` (gsplat on CUDA, PyTorch on CPU) and nothing calls
   `.cuda()`, so `--machine.device-type cpu` trains;
 - `populate_modules` sets up Splatfacto's modules with seed colours on the model's device (Splatfacto
   puts them on CUDA) and `difix3d.metrics.LPIPSMetric("alex")` as LPIPS instead of torchmetrics'
@@ -27,10 +27,10 @@ from nerfstudio.models.splatfacto import (
 from nerfstudio.utils.colors import get_color
 from pytorch_msssim import SSIM
 
-from difix3d.gaussians import EVAL_BACKGROUND
 from difix3d.images import from_uint8
 from difix3d.metrics import LPIPSMetric
-from difix3d.rasterize import rasterization
+from difix3d.rendering.gaussians import EVAL_BACKGROUND
+from difix3d.rendering.rasterize import rasterization
 from nerfstudio_plugin.enhanced_outputs import EnhancedRenders
 
 # nerfstudio compiles get_viewmat; the viewer interrupts a render by raising from a trace hook, which

@@ -2,7 +2,7 @@
 enhance renders (Difix3D+), for Splatfacto (`difix3d-gs`) and Nerfacto (`difix3d-nerfacto`).
 
 The Difix3D steps (which poses, which references, fixing, what is stored where, the pseudo-view
-draw, the enhancer) are `difix3d.core`; this module only supplies the nerfstudio model's renders and
+draw, the enhancer) are `difix3d.core.steps`; this module only supplies the nerfstudio model's renders and
 the training images, and schedules the rounds as a training callback.
 """
 
@@ -19,12 +19,12 @@ from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttrib
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from difix3d.core import Difix3DUpdate, Enhancer, EnhancerConfig
+from difix3d.core.fixer import DifixFixer
+from difix3d.core.progressive import ProgressiveConfig, select_targets
+from difix3d.core.steps import Difix3DUpdate, Enhancer, EnhancerConfig
 from difix3d.devices import DtypeName, resolve_dtype
 from difix3d.errors import Difix3DError
-from difix3d.fixer import DifixFixer
-from difix3d.model_ids import DEFAULT_BASE, EMBEDDED_DIFIX
-from difix3d.progressive import ProgressiveConfig, select_targets
+from difix3d.models.ids import DEFAULT_BASE, EMBEDDED_DIFIX
 from nerfstudio_plugin.datamanager import (
     Difix3DDatamanager,
     Difix3DDatamanagerConfig,
@@ -117,7 +117,7 @@ class Difix3DPipeline(VanillaPipeline):
         # Imported here, not at the top: diffusers, peft and transformers add ~700 modules, and every
         # nerfstudio command pays for each loaded module when its method table is built (nerfstudio's
         # external-method stubs call inspect.stack(), which scans sys.modules per frame).
-        from difix3d.checkpoint import load_difix
+        from difix3d.models.checkpoint import load_difix
 
         try:
             difix = load_difix(settings.model, device="cpu" if offload else device, dtype=dtype, base=settings.base)

@@ -1,6 +1,6 @@
 """Curation's reconstructor through nerfstudio: `difix3d-gs` with Difix off (plain Splatfacto).
 
-Each reconstruction is a derived COLMAP scene (`difix3d.reconstruction.write_colmap_scene`) with
+Each reconstruction is a derived COLMAP scene (`difix3d.data.reconstruction.write_colmap_scene`) with
 nerfstudio's split lists (`train_list.txt`, `val_list.txt`, `test_list.txt`: the views it trains on and
 the ones it renders), trained by `ns-train` and rendered by `ns-render dataset --split test` (both
 through `nerfstudio_plugin.runner`, output in log files).
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from difix3d.data.reconstruction import TrainingViews, write_colmap_scene
 from difix3d.errors import Difix3DError
-from difix3d.reconstruction import TrainingViews, write_colmap_scene
 from nerfstudio_plugin import runner
 
 

@@ -32,7 +32,7 @@ import tyro
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from difix3d.devices import DTYPES
-from difix3d.model import Difix
+from difix3d.models.difix import Difix
 from difix3d.runtime import configure_cpu_runtime
 
 # SD 2.1's text encoder (OpenCLIP ViT-H/14 text tower, penultimate layer) and a tiny stand-in.

@@ -4,10 +4,10 @@ Modes:
 - `--baselines-only`: only the stages no Difix takes part in (evaluation scenes, plain 3DGS
   repeats), so they can run while a Difix trains;
 - otherwise: score a given Difix (`--difix`: a model folder, `embedded` for the Difix that ships in
-  the package, or any `difix3d.checkpoint.load_difix` spec). Training one is not the benchmark's
+  the package, or any `difix3d.models.checkpoint.load_difix` spec). Training one is not the benchmark's
   job: `scripts/train_embedded_difix.py` (or `difix3d curate` + `difix3d train`) makes them.
 
-Per evaluation scene (seeds `difix3d.seeds.EVALUATION_SEEDS`, 12 sparse training views on one side
+Per evaluation scene (seeds `difix3d.data.seeds.EVALUATION_SEEDS`, 12 sparse training views on one side
 and 8 extreme held-out views; Difix never sees these seeds), every comparison is paired:
 1. plain 3DGS (`difix3d-gs` with Difix off) and Difix3D train with the same training seed; training
    is deterministic, so the two runs are identical up to the first fix round (checked: their
@@ -67,9 +67,9 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from difix3d.data.seeds import EVALUATION_SEEDS
 from difix3d.errors import Difix3DError
 from difix3d.images import from_uint8, to_uint8
-from difix3d.seeds import EVALUATION_SEEDS
 from nerfstudio_plugin import runner as nerfstudio_runner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ class BenchQuality:
     """The Difix to evaluate: a model folder, `embedded` (the Difix shipped in the package), or any
     `load_difix` spec (`random-tiny-architecture`: random weights, for smoke tests)."""
     eval_seeds: tuple[int, ...] = EVALUATION_SEEDS
-    """Seeds of the evaluation scenes (`difix3d.seeds`: reserved, never used for Difix training data)."""
+    """Seeds of the evaluation scenes (`difix3d.data.seeds`: reserved, never used for Difix training data)."""
     noise_seeds: tuple[int, ...] = (0, 1, 2)
     """Training seeds of the plain 3DGS repeats (nerfstudio's seed and camera-order seed); Difix3D
     continues from the first one's checkpoint."""
@@ -322,7 +322,7 @@ class StageBook:
 def difix_identity(spec: str) -> str:
     """A folder-name-safe id of a Difix: its name plus a hash of its weights and config (of the spec
     itself for names such as `tiny` and hub ids)."""
-    from difix3d.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+    from difix3d.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
     path = Path(spec)
     digest = hashlib.sha256()
@@ -342,7 +342,7 @@ def difix_identity(spec: str) -> str:
 
 
 def resolve_difix_spec(spec: str) -> str:
-    from difix3d.model_ids import EMBEDDED_DIFIX
+    from difix3d.models.ids import EMBEDDED_DIFIX
 
     if spec == "embedded":
         return EMBEDDED_DIFIX
@@ -354,7 +354,7 @@ def resolve_difix_spec(spec: str) -> str:
 
 
 def build_scenes(bench: BenchQuality, book: StageBook, kind: str, seeds) -> list[tuple[Path, dict]]:
-    from difix3d.scenes import build_scene
+    from difix3d.data.scenes import build_scene
 
     scenes = []
     for seed in seeds:
@@ -485,7 +485,7 @@ def difix_on_renders(scene: Path, plain: Path, output: Path, difix) -> None:
     """Difix on the plain 3DGS renders: held-out views referenced as the plugin's Difix3D+ does (the
     nearest training view in nerfstudio's scene units), training views by the nearest *other*
     training view (its own photograph would let Difix copy the answer)."""
-    from difix3d.curation import load_scene, nearest_references
+    from difix3d.data.curation import load_scene, nearest_references
 
     views = load_scene(scene)
     # nerfstudio moves the scene rigidly and scales it; the pose distance (translation + rotation
@@ -887,7 +887,7 @@ def main(bench: BenchQuality) -> dict:
 
     @functools.cache
     def load():
-        from difix3d.checkpoint import load_difix
+        from difix3d.models.checkpoint import load_difix
 
         return load_difix(difix_spec)
 

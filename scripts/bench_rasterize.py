@@ -21,7 +21,7 @@ from typing import Literal, Optional, Tuple
 import torch
 import tyro
 
-from difix3d.rasterize import rasterization, rasterization_torch
+from difix3d.rendering.rasterize import rasterization, rasterization_torch
 from difix3d.runtime import configure_cpu_runtime
 
 

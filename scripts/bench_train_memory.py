@@ -22,8 +22,8 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 
-from difix3d.model_ids import random_weights_name
-from difix3d.training import DifixTrainer, TrainConfig
+from difix3d.models.ids import random_weights_name
+from difix3d.training.finetune import DifixTrainer, TrainConfig
 
 TARGET_GIB = 20.0
 

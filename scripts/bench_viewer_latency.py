@@ -13,7 +13,7 @@ output is read and copied to the CPU as the viewer does before sending it. Three
     python scripts/bench_viewer_latency.py --load-config outputs/.../config.yml --device cuda
 
 Without `--load-config`, a procedural scene is built and `difix3d-gs` trained on it for `--steps`
-steps on the CPU (with `difix3d.model_ids.EMBEDDED_DIFIX`) under `--work-dir`.
+steps on the CPU (with `difix3d.models.ids.EMBEDDED_DIFIX`) under `--work-dir`.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ class Args:
 
 
 def train_tiny_run(work_dir: Path, steps: int) -> Path:
-    from difix3d.model_ids import EMBEDDED_DIFIX
-    from difix3d.scenes import build_scene
+    from difix3d.data.scenes import build_scene
+    from difix3d.models.ids import EMBEDDED_DIFIX
 
     scene = work_dir / "scene"
     if not scene.exists():

@@ -23,9 +23,9 @@ import imageio.v3 as iio
 import numpy as np
 import tyro
 
-from difix3d.checkpoint import EMBEDDED_DIFIX
 from difix3d.errors import Difix3DError
 from difix3d.imagenet_weights import missing_weights_message
+from difix3d.models.ids import EMBEDDED_DIFIX
 from nerfstudio_plugin import runner as nerfstudio_runner
 from nerfstudio_plugin.runner import BIN
 

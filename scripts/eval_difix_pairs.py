@@ -2,7 +2,7 @@
 
     python scripts/eval_difix_pairs.py --dataset WORK/pairs/dataset.json --model embedded --model OTHER_DIR
 
-The kind of a ground-truth pair is the kind of its pose (`difix3d.ground_truth_pairs`): `training`
+The kind of a ground-truth pair is the kind of its pose (`difix3d.data.ground_truth_pairs`): `training`
 (a render at a training pose: near-identity), `extreme`, `progressive` (on the way to an extreme
 pose) or `wide`; other strategies' pairs count as `other`. Prints a table and, with `--json`, writes
 the figures.
@@ -34,7 +34,7 @@ class EvalPairs:
 
 
 def pair_kind(pair_id: str) -> str:
-    from difix3d.ground_truth_pairs import STRATEGY, TRAINING_VIEW_PREFIX
+    from difix3d.data.ground_truth_pairs import STRATEGY, TRAINING_VIEW_PREFIX
 
     view = pair_id.rsplit("/", 1)[-1]
     if f"/{STRATEGY}/" not in pair_id:
@@ -48,10 +48,11 @@ def pair_kind(pair_id: str) -> str:
 
 @torch.no_grad()
 def main(settings: EvalPairs) -> dict:
-    from difix3d.checkpoint import EMBEDDED_DIFIX, load_difix
     from difix3d.metrics import LPIPSMetric, image_scores
+    from difix3d.models.checkpoint import load_difix
+    from difix3d.models.ids import EMBEDDED_DIFIX
     from difix3d.runtime import configure_cpu_runtime
-    from difix3d.training import load_dataset, load_pair_images
+    from difix3d.training.finetune import load_dataset, load_pair_images
 
     configure_cpu_runtime(1)
     pairs = load_dataset(settings.dataset)["test"]

@@ -1,9 +1,9 @@
 """Difix3D+ on a plain gsplat trainer, without nerfstudio.
 
 One readable file in the manner of gsplat's `examples/simple_trainer.py`: a COLMAP scene in
-(`images/` + `sparse/0/`, pinhole cameras), 3D Gaussians rendered by `difix3d.rasterize.rasterization`
+(`images/` + `sparse/0/`, pinhole cameras), 3D Gaussians rendered by `difix3d.rendering.rasterize.rasterization`
 (gsplat's CUDA kernels on a GPU, the project's PyTorch rasterizer on the CPU), densified by gsplat's
-`DefaultStrategy`, with the Difix3D fix rounds and the Difix3D+ enhancer of `difix3d.core`.
+`DefaultStrategy`, with the Difix3D fix rounds and the Difix3D+ enhancer of `difix3d.core.steps`.
 Evaluation reports PSNR / SSIM / LPIPS of the renders and of the enhanced renders on the held-out
 views (frames named `*eval*`, else every `test_every`-th image), which are also the fix rounds'
 targets. Checkpoints (`<result_dir>/ckpts/`) hold everything needed to resume exactly (`--resume`).
@@ -33,17 +33,17 @@ import tqdm
 import tyro
 from gsplat.strategy import DefaultStrategy
 
-from difix3d.core import Difix3DUpdate, Enhancer, EnhancerConfig
+from difix3d.core.poses import to_homogeneous
+from difix3d.core.progressive import ProgressiveConfig, select_targets
+from difix3d.core.steps import Difix3DUpdate, Enhancer, EnhancerConfig
+from difix3d.data.sfm import camera_to_world
 from difix3d.devices import DtypeName, resolve_device, resolve_dtype
 from difix3d.errors import Difix3DError
-from difix3d.gaussians import params_from_points, render_splats, splat_optimizers
 from difix3d.images import from_uint8, to_uint8
 from difix3d.metrics import LPIPSMetric, psnr, ssim
-from difix3d.model_ids import DEFAULT_BASE
-from difix3d.poses import to_homogeneous
-from difix3d.progressive import ProgressiveConfig, select_targets
+from difix3d.models.ids import DEFAULT_BASE
+from difix3d.rendering.gaussians import params_from_points, render_splats, splat_optimizers
 from difix3d.runtime import configure_cpu_runtime
-from difix3d.sfm import camera_to_world
 
 
 
@@ -214,8 +214,8 @@ class Runner:
         return [torch.optim.lr_scheduler.ExponentialLR(self.optimizers["means"], gamma=0.01 ** (1.0 / self.config.max_steps))]
 
     def _start_difix3d(self) -> None:
-        from difix3d.checkpoint import load_difix
-        from difix3d.fixer import DifixFixer
+        from difix3d.core.fixer import DifixFixer
+        from difix3d.models.checkpoint import load_difix
 
         config = self.config
         dtype = resolve_dtype(config.difix_dtype, self.device)

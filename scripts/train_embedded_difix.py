@@ -3,12 +3,12 @@
 Stages (each skipped when its result is on disk, so the job can span sessions):
 1. scenes: `--num-scenes` procedural training scenes (seeds from `TRAIN_SEED_START`, disjoint from
    every benchmark seed), without SfM (the ground-truth engine knows the true poses);
-2. pairs: the ground-truth data engine (`difix3d.ground_truth_pairs`) on each scene, then the
-   dataset JSON (`difix3d.curation.assemble_dataset`);
+2. pairs: the ground-truth data engine (`difix3d.data.ground_truth_pairs`) on each scene, then the
+   dataset JSON (`difix3d.data.curation.assemble_dataset`);
 3. autoencoder: the VAE (encoder, decoder, skip convs) of a fresh `--architecture` Difix trained as an
-   autoencoder on the scenes' clean views, checked on held-out scenes (`difix3d.autoencoder`); it
+   autoencoder on the scenes' clean views, checked on held-out scenes (`difix3d.training.autoencoder`); it
    needs no pairs, so it can run beside stage 2 (`--stages autoencoder`);
-4. difix: `difix3d train` from that autoencoder made image-preserving (`difix3d.autoencoder.identity_start`:
+4. difix: `difix3d train` from that autoencoder made image-preserving (`difix3d.training.autoencoder.identity_start`:
    it begins by reproducing its input and learns corrections), with the paper's loss (L2 + LPIPS +
    Gram on ImageNet VGG-16).
 
@@ -29,7 +29,7 @@ import tyro
 from tqdm.auto import tqdm
 
 TRAIN_SEED_START = 3000
-"""Training scenes use seeds TRAIN_SEED_START, TRAIN_SEED_START + 1, ... (never `difix3d.seeds`' evaluation seeds)."""
+"""Training scenes use seeds TRAIN_SEED_START, TRAIN_SEED_START + 1, ... (never `difix3d.data.seeds`' evaluation seeds)."""
 AUTOENCODER_HELD_OUT_SCENES = 4
 TEST_FRACTION = 0.05
 
@@ -88,8 +88,8 @@ def record(settings: Settings, stage: str, values: dict, add_cpu_seconds: float 
 
 
 def scene_dirs(settings: Settings) -> list[Path]:
-    from difix3d.curation import parse_shard
-    from difix3d.seeds import is_evaluation_seed
+    from difix3d.data.curation import parse_shard
+    from difix3d.data.seeds import is_evaluation_seed
 
     index, count = parse_shard(settings.shard)
     seeds = range(TRAIN_SEED_START, TRAIN_SEED_START + settings.num_scenes)
@@ -99,7 +99,7 @@ def scene_dirs(settings: Settings) -> list[Path]:
 
 
 def build_scenes(settings: Settings) -> None:
-    from difix3d.scenes import GROUND_TRUTH_FILE, build_scene
+    from difix3d.data.scenes import GROUND_TRUTH_FILE, build_scene
 
     started = time.process_time()
     for folder in tqdm(scene_dirs(settings), desc="scenes", unit="scene"):
@@ -111,7 +111,7 @@ def build_scenes(settings: Settings) -> None:
 
 
 def curate_pairs(settings: Settings) -> None:
-    from difix3d.curation import GROUND_TRUTH, CurateConfig, curate
+    from difix3d.data.curation import GROUND_TRUTH, CurateConfig, curate
 
     # This process's share of the scenes, less those already curated: a scene curated by an earlier
     # version of the engine keeps its pairs (its manifest records the settings it was made with).
@@ -140,9 +140,9 @@ def scene_images(folders: list[Path]) -> torch.Tensor:
 def train_autoencoder(settings: Settings) -> Path:
     """Stage 3, on the clean views of every scene; the last `AUTOENCODER_HELD_OUT_SCENES` scenes are
     held out for the PSNR check (the pairs are not needed: this can run while they are curated)."""
-    from difix3d.autoencoder import AutoencoderConfig, autoencoder_psnr, pretrain_autoencoder
-    from difix3d.checkpoint import WEIGHTS_FILE, save_pretrained
-    from difix3d.model import Difix
+    from difix3d.models.checkpoint import WEIGHTS_FILE, save_pretrained
+    from difix3d.models.difix import Difix
+    from difix3d.training.autoencoder import AutoencoderConfig, autoencoder_psnr, pretrain_autoencoder
 
     folder = settings.work / "autoencoder"
     if (folder / WEIGHTS_FILE).is_file():
@@ -170,8 +170,8 @@ def train_autoencoder(settings: Settings) -> Path:
 
 def identity_start_folder(settings: Settings, autoencoder: Path) -> Path:
     """The Difix stage's starting point: the autoencoder stage's model, made to reproduce its input."""
-    from difix3d.autoencoder import identity_start
-    from difix3d.checkpoint import WEIGHTS_FILE, load_difix, save_pretrained
+    from difix3d.models.checkpoint import WEIGHTS_FILE, load_difix, save_pretrained
+    from difix3d.training.autoencoder import identity_start
 
     folder = settings.work / "difix_start"
     if not (folder / WEIGHTS_FILE).is_file():
@@ -182,7 +182,7 @@ def identity_start_folder(settings: Settings, autoencoder: Path) -> Path:
 def train_difix(settings: Settings, dataset: Path, start: Path) -> None:
     """Stage 4. Run again with a larger `--difix-steps` (after more scenes were curated) to continue
     from the last checkpoint on the enlarged dataset; each run is recorded with its pairs."""
-    from difix3d.training import TrainConfig, train
+    from difix3d.training.finetune import TrainConfig, train
 
     folder = settings.work / settings.difix_run
     pairs = {split: len(found) for split, found in json.loads(dataset.read_text()).items()}  # train() checks the files
@@ -219,7 +219,7 @@ def main(settings: Settings) -> None:
     if "autoencoder" in settings.stages:
         train_autoencoder(settings)
     if "difix" in settings.stages:
-        from difix3d.curation import assemble_dataset
+        from difix3d.data.curation import assemble_dataset
 
         dataset = assemble_dataset(settings.work / "pairs", test_fraction=TEST_FRACTION)
         dataset_file = settings.work / "pairs" / "dataset.json"
@@ -233,7 +233,7 @@ def write_identity_weighted(dataset: dict, dataset_file: Path, near_identity_rep
     """A copy of the dataset JSON (next to it, so its relative paths hold) whose training split lists
     every training-pose pair `near_identity_repeats` times and adds `clean_identity_repeats` copies of
     a clean pair per training pose (its truth as input and target, the same reference)."""
-    from difix3d.ground_truth_pairs import TRAINING_VIEW_PREFIX
+    from difix3d.data.ground_truth_pairs import TRAINING_VIEW_PREFIX
 
     train = dict(dataset["train"])
     for pair_id, pair in dataset["train"].items():

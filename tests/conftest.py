@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def tiny_scene(tmp_path_factory) -> Path:
     """The default procedural scene (seed 0, 12 train + 8 eval views at 160x120) with its real
     pycolmap SfM model: `images/`, `sparse/0/`, `ground_truth.json`. Treat it as read-only."""
-    from difix3d.scenes import build_scene
+    from difix3d.data.scenes import build_scene
 
     scene_dir = tmp_path_factory.mktemp("tiny_scene") / "scene"
     build_scene(scene_dir, seed=0, log=lambda message: None)
@@ -57,7 +57,7 @@ def no_imagenet_weights(tmp_path, monkeypatch) -> Path:
 def small_scene(tmp_path_factory) -> Path:
     """The default scene's layout at 80x60 with 2 eval views (12 train, real SfM): for end-to-end runs
     whose cost grows with pixels and views, such as nerfacto's full-image renders on the CPU."""
-    from difix3d.scenes import build_scene
+    from difix3d.data.scenes import build_scene
 
     scene_dir = tmp_path_factory.mktemp("small_scene") / "scene"
     build_scene(scene_dir, seed=0, width=80, height=60, num_eval=2, log=lambda message: None)

@@ -1,4 +1,4 @@
-"""A stand-in `difix3d.reconstruction.Reconstructor` for curation tests: "training" records what it
+"""A stand-in `difix3d.data.reconstruction.Reconstructor` for curation tests: "training" records what it
 was asked, "rendering" writes noisy copies of the views' image files (seeded by the step). The
 strategies, pairing, manifests and dataset assembly all run for real, in seconds.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 
-from difix3d import curation
-from difix3d.reconstruction import TrainingViews
+from difix3d.data import curation
+from difix3d.data.reconstruction import TrainingViews
 
 _RENDEZVOUS_TIMEOUT_S = 120
 

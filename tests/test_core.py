@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from difix3d.core import Difix3DUpdate, Enhancer, EnhancerConfig
+from difix3d.core.fixer import Fixer
+from difix3d.core.poses import make_pose, nearest_poses
+from difix3d.core.progressive import ProgressiveConfig, Targets
+from difix3d.core.steps import Difix3DUpdate, Enhancer, EnhancerConfig
 from difix3d.errors import Difix3DError
-from difix3d.fixer import Fixer
-from difix3d.poses import make_pose, nearest_poses
-from difix3d.progressive import ProgressiveConfig, Targets
 
 HEIGHT, WIDTH = 6, 8
 
@@ -175,8 +175,8 @@ def test_enhancer_has_its_own_number_of_references():
 
 
 def test_difix_fixer_runs_channels_last(tmp_path):
-    from difix3d.fixer import DifixFixer
-    from difix3d.model import Difix
+    from difix3d.core.fixer import DifixFixer
+    from difix3d.models.difix import Difix
 
     fixer = DifixFixer(Difix.from_config("tiny"), offload=True)
     images, references = torch.rand(2, 16, 24, 3), torch.rand(2, 1, 16, 24, 3)

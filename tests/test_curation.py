@@ -15,12 +15,12 @@ import numpy as np
 import pycolmap
 import pytest
 
-from difix3d import curation
 from difix3d.cli import main
-from difix3d.curation import CurateConfig, SceneViews
+from difix3d.data import curation
+from difix3d.data.curation import CurateConfig, SceneViews
+from difix3d.data.reconstruction import TrainingViews, write_colmap_scene
+from difix3d.data.sfm import camera_to_world
 from difix3d.errors import Difix3DError
-from difix3d.reconstruction import TrainingViews, write_colmap_scene
-from difix3d.sfm import camera_to_world
 from fake_reconstructor import FakeReconstructor
 
 
@@ -250,7 +250,7 @@ def test_manifests_record_the_reconstructor_and_old_ones_count_as_nerfstudio(tin
 
 
 def test_library_reconstructor_renders_its_checkpoints_and_added_views(tiny_scene, tmp_path):
-    from difix3d.reconstruction import SplatReconstructor
+    from difix3d.data.reconstruction import SplatReconstructor
 
     scene = curation.load_scene(tiny_scene)
     train, held_out = curation.sparse_split(scene.names, 2)
@@ -270,7 +270,7 @@ def test_library_reconstructor_renders_its_checkpoints_and_added_views(tiny_scen
 
 
 def test_curation_imports_no_nerfstudio():
-    code = "import sys, difix3d.curation, difix3d.reconstruction; print(sorted(m for m in sys.modules if 'nerfstudio' in m))"
+    code = "import sys, difix3d.data.curation, difix3d.data.reconstruction; print(sorted(m for m in sys.modules if 'nerfstudio' in m))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -410,7 +410,7 @@ def test_scene_ids_must_be_unique_across_all_shards(tiny_scene, tmp_path):
 def test_curate_with_nerfstudio_then_train_and_resume(small_scene, tmp_path):
     """The nerfstudio reconstructor end to end (ns-train and ns-render; several scenes are the fake
     reconstructor's tests above): both of its render paths, a Difix trained on the result, a rerun that finds all done."""
-    from difix3d.training import TrainConfig, load_dataset, train
+    from difix3d.training.finetune import TrainConfig, load_dataset, train
 
     out = tmp_path / "curated"
     args = [

@@ -111,7 +111,7 @@ def test_fix_refuses_random_weights(renders, tmp_path, capsys) -> None:
     for model in ("tiny", "random-tiny-architecture"):
         _cli_error(capsys, "--input", str(renders), "--output", str(tmp_path / model), "--model", model)
     assert not any((tmp_path / model).exists() for model in ("sd-turbo", "tiny", "random-tiny-architecture"))
-    from difix3d.checkpoint import load_difix
+    from difix3d.models.checkpoint import load_difix
 
     with pytest.raises(Difix3DError, match="random-sd-turbo-architecture"):
         load_difix("sd-turbo")  # an architecture name never gives random weights by accident

@@ -16,11 +16,11 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from difix3d.attention import MultiViewAttnProcessor
-from difix3d.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_difix, load_pretrained, save_pretrained, save_release_checkpoint
 from difix3d.errors import Difix3DError
-from difix3d.model import Difix, DifixConfig, skip_channels
-from difix3d.pipeline import DifixPipeline
+from difix3d.models.attention import MultiViewAttnProcessor
+from difix3d.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_difix, load_pretrained, save_pretrained, save_release_checkpoint
+from difix3d.models.difix import Difix, DifixConfig, skip_channels
+from difix3d.models.pipeline import DifixPipeline
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -301,10 +301,10 @@ def test_hub_layouts_decide_reference_attention(hub, with_reference, hub_folders
     assert model.config.reference_views is uses_references
     image, ref = _images(2, 1, 3, 32, 32, seed=3)
     refs = ref if with_reference else None
-    with caplog.at_level(logging.INFO, logger="difix3d.model"):
+    with caplog.at_level(logging.INFO, logger="difix3d.models.difix"):
         fixed = model.fix(image, refs)
         assert torch.equal(model.fix(image, refs), fixed)  # a second call logs nothing more
-    logged = [record for record in caplog.records if record.name == "difix3d.model"]
+    logged = [record for record in caplog.records if record.name == "difix3d.models.difix"]
     if uses_references and with_reference:  # the joint multi-view attention of Difix-ref
         assert torch.equal(fixed, trained.fix(image, ref)) and not logged
         assert (fixed - trained.fix(image)).abs().max() > 1e-3

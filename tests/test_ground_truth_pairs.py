@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from difix3d.autoencoder import AutoencoderConfig, autoencoder_psnr, identity_start, pretrain_autoencoder, reconstruct
-from difix3d.curation import CurateConfig, curate
+from difix3d.data.curation import CurateConfig, curate
+from difix3d.data.ground_truth_pairs import GroundTruthPairsConfig, novel_poses
+from difix3d.data.scenes import build_scene, load_ground_truth
 from difix3d.errors import Difix3DError
-from difix3d.ground_truth_pairs import GroundTruthPairsConfig, novel_poses
-from difix3d.model import Difix
-from difix3d.scenes import build_scene, load_ground_truth
+from difix3d.models.difix import Difix
+from difix3d.training.autoencoder import AutoencoderConfig, autoencoder_psnr, identity_start, pretrain_autoencoder, reconstruct
 
 TINY = GroundTruthPairsConfig(
     steps=12, snapshot_steps=(6, 12), num_extreme=2, progress_fractions=(0.5,), num_wide=1, seed_points=300, supersample=1
@@ -84,23 +84,23 @@ def test_autoencoder_pretraining_learns_to_reproduce(scene):
 
 
 def test_autoencoder_resumes_exactly_from_its_checkpoint(tmp_path, monkeypatch):
-    import difix3d.autoencoder
+    import difix3d.training.autoencoder
 
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     config = AutoencoderConfig(steps=6, batch_size=2, crop=24, learning_rate=1e-3)
     straight = pretrain_autoencoder(Difix.from_config("tiny"), images, config, progress=False)
 
     checkpoint = tmp_path / "autoencoder.pt"
-    real_replace = difix3d.autoencoder.os.replace
+    real_replace = difix3d.training.autoencoder.os.replace
 
     def replace_then_die(source, destination):  # the process is killed right after its step-3 checkpoint
         real_replace(source, destination)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(difix3d.autoencoder.os, "replace", replace_then_die)
+    monkeypatch.setattr(difix3d.training.autoencoder.os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
         pretrain_autoencoder(Difix.from_config("tiny"), images, config, progress=False, checkpoint=checkpoint, checkpoint_every=3)
-    monkeypatch.setattr(difix3d.autoencoder.os, "replace", real_replace)
+    monkeypatch.setattr(difix3d.training.autoencoder.os, "replace", real_replace)
     assert torch.load(checkpoint, weights_only=True)["step"] == 3
     resumed = pretrain_autoencoder(Difix.from_config("tiny"), images, config, progress=False, checkpoint=checkpoint, checkpoint_every=3)
     for (name, a), b in zip(straight.vae.state_dict().items(), resumed.vae.state_dict().values()):

@@ -221,7 +221,7 @@ def test_real_weights_load_strict_and_heads_equal_the_lpips_wheel(net):
 
 def natural_image(size: int = 96) -> torch.Tensor:
     """A ray-traced view of a procedural textured room, [1, 3, H, W] in [0, 1]."""
-    from difix3d.scenes import Intrinsics, ProceduralScene, view_poses
+    from difix3d.data.scenes import Intrinsics, ProceduralScene, view_poses
 
     pose = view_poses(0, 1, 0)[0][0]
     rgb = ProceduralScene.from_seed(0).render(pose, Intrinsics.default(size, size), supersample=1).rgb

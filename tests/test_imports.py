@@ -25,13 +25,14 @@ def imported_modules(path: Path) -> set[str]:
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module)
-            # `from difix3d import sfm` imports the module difix3d.sfm
+            # `from difix3d.data import sfm` imports the module difix3d.data.sfm
             found |= {f"{node.module}.{alias.name}" for alias in node.names}
     return {name for name in found if name.startswith(("difix3d.", "nerfstudio"))}
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = {f"difix3d.{path.stem}": path for path in LIBRARY.glob("*.py") if path.stem != "__init__"}
+    modules = {".".join(("difix3d", *path.relative_to(LIBRARY).with_suffix("").parts)).removesuffix(".__init__"): path
+               for path in LIBRARY.rglob("*.py")}  # fmt: skip
     return {name: imported_modules(path) for name, path in modules.items()}
 
 
@@ -60,11 +61,11 @@ def test_no_import_cycles_in_the_library():
 def test_the_library_never_imports_nerfstudio():
     offenders = {name: sorted(i for i in imports if i.startswith("nerfstudio")) for name, imports in import_graph().items()}
     # The one exception: `difix3d curate --reconstructor nerfstudio` loads the plugin's reconstructor when chosen.
-    offenders["difix3d.curation"] = [i for i in offenders["difix3d.curation"] if not i.startswith("nerfstudio_plugin.reconstructor")]
+    offenders["difix3d.data.curation"] = [i for i in offenders["difix3d.data.curation"] if not i.startswith("nerfstudio_plugin.reconstructor")]
     assert {name: imports for name, imports in offenders.items() if imports} == {}
 
 
 def test_the_library_runs_no_programs():
     """No child processes (nerfstudio's tools, pip) from library code: entry points run those."""
-    offenders = [path.name for path in LIBRARY.glob("*.py") if "subprocess" in path.read_text() or "ns-train" in path.read_text()]
+    offenders = [path.name for path in LIBRARY.rglob("*.py") if "subprocess" in path.read_text() or "ns-train" in path.read_text()]
     assert offenders == []

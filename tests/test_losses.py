@@ -8,7 +8,7 @@ import torchvision
 
 from difix3d import imagenet_weights, metrics
 from difix3d.errors import Difix3DError
-from difix3d.losses import GRAM_LAYER_WEIGHTS, DifixLoss, gram_loss, gram_matrix
+from difix3d.training.losses import GRAM_LAYER_WEIGHTS, DifixLoss, gram_loss, gram_matrix
 
 
 @pytest.fixture

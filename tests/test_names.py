@@ -10,21 +10,22 @@ from typing import Annotated
 import tyro
 
 import difix3d
-from difix3d.model_ids import DEFAULT_BASE, PROMPT
+from difix3d.models.ids import DEFAULT_BASE, PROMPT
 
 
 def test_prompt_is_defined_once():
     library = Path(difix3d.__file__).parent
-    definitions = [path.name for path in library.glob("*.py") if re.search(r"^PROMPT\s*=", path.read_text(), re.M)]
-    assert definitions == ["model_ids.py"]
-    from difix3d import curation, model
+    definitions = [path.relative_to(library).as_posix() for path in library.rglob("*.py") if re.search(r"^PROMPT\s*=", path.read_text(), re.M)]
+    assert definitions == ["models/ids.py"]
+    from difix3d.data import curation
+    from difix3d.models import difix as model
 
     assert curation.PROMPT is model.PROMPT is PROMPT
 
 
 def test_base_flag_is_base_in_fix_train_and_the_plugin():
     from difix3d.fix import fix_command
-    from difix3d.training import TrainConfig
+    from difix3d.training.finetune import TrainConfig
     from nerfstudio_plugin.pipeline import DifixSettings
 
     assert inspect.signature(fix_command).parameters["base"].default == DEFAULT_BASE

@@ -187,8 +187,8 @@ def test_project_errors_in_ns_train_are_one_line(tiny_scene, tmp_path):
 
 def test_progressive_settings_are_checked_under_the_plugins_flag_names():
     """The check behind case 9's other progressive flags."""
+    from difix3d.core.progressive import ProgressiveConfig
     from difix3d.errors import Difix3DError
-    from difix3d.progressive import ProgressiveConfig
 
     with pytest.raises(Difix3DError, match="--pipeline.progressive.steps-per-fix must be >= 1, got 0"):
         ProgressiveConfig(steps_per_fix=0).validate(flag_prefix="--pipeline.progressive.")
@@ -204,7 +204,7 @@ def test_difix_model_errors_name_the_plugins_flag(model, expected):
     from types import SimpleNamespace
 
     from difix3d.errors import Difix3DError
-    from difix3d.model_ids import EMBEDDED_DIFIX
+    from difix3d.models.ids import EMBEDDED_DIFIX
     from nerfstudio_plugin.pipeline import Difix3DPipeline, DifixSettings
 
     pipeline = SimpleNamespace(config=SimpleNamespace(difix=DifixSettings(model=model)), device="cpu", test_mode="val")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from difix3d.errors import Difix3DError
-from difix3d.poses import (
+from difix3d.core.poses import (
     as_pose,
     interpolate_trajectory,
     load_camera_path,

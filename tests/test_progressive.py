@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from difix3d import progressive
+from difix3d.core import progressive
+from difix3d.core.poses import load_camera_path, make_pose, pose_distance, to_homogeneous
 from difix3d.errors import Difix3DError
-from difix3d.poses import load_camera_path, make_pose, pose_distance, to_homogeneous
-from difix3d.progressive import (
+from difix3d.core.progressive import (
     ProgressiveConfig,
     ProgressiveUpdater,
     Targets,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from difix3d.errors import Difix3DError
-from difix3d.rasterize import rasterization
+from difix3d.rendering.rasterize import rasterization
 
 TILE = 16
 

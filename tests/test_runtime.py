@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import difix3d
+from difix3d.data.sfm import _colmap_min_log_level
 from difix3d.runtime import configure_cpu_runtime
-from difix3d.sfm import _colmap_min_log_level
 
 PROCESS_WIDE_CALLS = re.compile(r"set_num_threads\(|set_num_interop_threads\(|mallopt\(|minloglevel\s*=")
 
@@ -19,9 +19,9 @@ PROCESS_WIDE_CALLS = re.compile(r"set_num_threads\(|set_num_interop_threads\(|ma
 def test_only_runtime_module_changes_threads_or_allocator():
     library = Path(difix3d.__file__).parent
     offenders = [
-        f"{path.name}:{number}"
-        for path in sorted(library.glob("*.py"))
-        if path.name not in ("runtime.py", "sfm.py")  # sfm.py: only inside its restoring context manager
+        f"{path.relative_to(library).as_posix()}:{number}"
+        for path in sorted(library.rglob("*.py"))
+        if path.relative_to(library).as_posix() not in ("runtime.py", "data/sfm.py")  # sfm: only inside its restoring context manager
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if PROCESS_WIDE_CALLS.search(line)
     ]
@@ -41,8 +41,8 @@ def test_configure_cpu_runtime_sets_threads_or_keeps_the_default():
 
 
 def test_scene_render_and_rasterization_leave_threads_alone():
-    from difix3d.rasterize import rasterization_torch
-    from difix3d.scenes import Intrinsics, ProceduralScene
+    from difix3d.data.scenes import Intrinsics, ProceduralScene
+    from difix3d.rendering.rasterize import rasterization_torch
 
     threads = torch.get_num_threads()
     try:

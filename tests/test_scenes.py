@@ -9,10 +9,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from difix3d import scenes, sfm
 from difix3d.cli import main
+from difix3d.data import scenes, sfm
+from difix3d.data.scenes import Intrinsics, ProceduralScene, build_scene, load_ground_truth, look_at
 from difix3d.errors import Difix3DError
-from difix3d.scenes import Intrinsics, ProceduralScene, build_scene, load_ground_truth, look_at
 
 
 def _quiet(message: str) -> None:
@@ -197,7 +197,7 @@ def test_unregistered_images_are_named_and_nothing_is_replaced(tmp_path, monkeyp
     monkeypatch.setattr(scenes, "view_poses", poses_with_a_lost_view)
     out = tmp_path / "scene"
     out.mkdir()
-    previous = json.dumps({"generator": "difix3d.scenes", "seed": 5})  # a scene of ours: --overwrite may replace it
+    previous = json.dumps({"generator": "difix3d.data.scenes", "seed": 5})  # a scene of ours: --overwrite may replace it
     (out / "ground_truth.json").write_text(previous)
     with pytest.raises(Difix3DError, match=r"not registered: .*frame_eval_0000\.png"):
         build_scene(out, seed=0, num_train=6, num_eval=2, overwrite=True, log=_quiet)
@@ -237,7 +237,7 @@ def test_overwrite_replaces_only_a_scene_of_ours(tmp_path, capsys):
     _assert_cli_error(capsys, ["scene", "--out", str(foreign), "--overwrite"], "not a scene written by `difix3d scene`")
     ours_plus = tmp_path / "scene"
     ours_plus.mkdir()
-    (ours_plus / "ground_truth.json").write_text(json.dumps({"generator": "difix3d.scenes"}))
+    (ours_plus / "ground_truth.json").write_text(json.dumps({"generator": "difix3d.data.scenes"}))
     (ours_plus / "outputs").mkdir()
     _assert_cli_error(capsys, ["scene", "--out", str(ours_plus), "--overwrite"], "did not write (outputs)")
     assert (foreign / "holiday.jpg").exists() and (ours_plus / "outputs").is_dir()

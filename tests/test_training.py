@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from difix3d.checkpoint import load_difix
 from difix3d.cli import main
 from difix3d.errors import Difix3DError
 from difix3d.imagenet_weights import find_imagenet_weights
-from difix3d.training import TrainConfig, load_dataset, load_pair_images, train
+from difix3d.models.checkpoint import load_difix
+from difix3d.training.finetune import TrainConfig, load_dataset, load_pair_images, train
 
 
 def _write_pair(root, index, size=(32, 32), target_size=None):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from test_training import _write_pair
 
-from difix3d.training import CropDataset, Pair, StreamSampler, _rng_state, _set_rng_state
+from difix3d.training.finetune import CropDataset, Pair, StreamSampler, _rng_state, _set_rng_state
 
 CHECKPOINT_FILES = ["optimizer.pt", "rng_states.json", "state.json", "trainable.safetensors"]
 

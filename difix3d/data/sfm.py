@@ -21,7 +21,7 @@ from difix3d.errors import Difix3DError
 
 
 class Intrinsics(Protocol):
-    """A pinhole calibration in pixels (e.g. `difix3d.scenes.Intrinsics`)."""
+    """A pinhole calibration in pixels (e.g. `difix3d.data.scenes.Intrinsics`)."""
 
     fx: float
     fy: float

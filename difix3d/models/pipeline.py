@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difix3d.checkpoint import DEFAULT_BASE, load_difix
 from difix3d.errors import Difix3DError
 from difix3d.images import to_batch, to_uint8
-from difix3d.model import Difix
+from difix3d.models.checkpoint import load_difix
+from difix3d.models.difix import Difix
+from difix3d.models.ids import DEFAULT_BASE
 
 
 @dataclass
@@ -45,7 +46,7 @@ class DifixPipeline:
         dtype: torch.dtype = torch.float32,
         base: str | os.PathLike = DEFAULT_BASE,
     ) -> DifixPipeline:
-        """Load with `difix3d.checkpoint.load_difix` (hub id, folder, release .pkl, "random-tiny-architecture")."""
+        """Load with `difix3d.models.checkpoint.load_difix` (hub id, folder, release .pkl, "random-tiny-architecture")."""
         return cls(load_difix(spec, device=device, dtype=dtype, base=base))
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DifixPipeline:

@@ -1,6 +1,6 @@
 """The one thing the Difix3D steps ask of an image fixer, and Difix's answer to it.
 
-The fix rounds and the Difix3D+ enhancer (`difix3d.core`) call a `Fixer`: rendered images and
+The fix rounds and the Difix3D+ enhancer (`difix3d.core.steps`) call a `Fixer`: rendered images and
 their reference views in, fixed images out, all channels-last floats in [0, 1] as 3D hosts render
 them. Any single-step fixer that honours this call (e.g. a successor model) plugs in without
 touching the hosts; `DifixFixer` adapts this project's `Difix`.
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # importing the network pulls in diffusers; the core needs only the call
-    from difix3d.model import Difix
+    from difix3d.models.difix import Difix
 
 
 @runtime_checkable

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from difix3d.errors import Difix3DError
 from difix3d.images import to_uint8
 
-GENERATOR_NAME = "difix3d.scenes"
+GENERATOR_NAME = "difix3d.data.scenes"
 GENERATOR_VERSION = 1
 GROUND_TRUTH_FILE = "ground_truth.json"
 # Everything a scene folder holds: --overwrite replaces a folder only if it holds nothing else.
@@ -599,7 +599,7 @@ def build_scene(
     next to `out` and moved into place only when everything succeeded. With `sfm=False` the folder
     has no `sparse/0` (enough for the ground-truth data engine, which knows the true poses).
     """
-    from difix3d import sfm as structure_from_motion  # pycolmap is only needed here
+    from difix3d.data import sfm as structure_from_motion  # pycolmap is only needed here
 
     out = Path(out)
     _check_arguments(out, width, height, num_train, num_eval, overwrite)

@@ -1,6 +1,6 @@
 """Scene seeds reserved for the quality benchmark's evaluation scenes (`scripts/bench_quality.py`).
 
-A procedural scene is a function of its seed (`difix3d.scenes.build_scene`). Data that trains a
+A procedural scene is a function of its seed (`difix3d.data.scenes.build_scene`). Data that trains a
 Difix must never come from these seeds: a Difix that has seen an evaluation scene would be scored
 on its own training data. Check with `is_evaluation_seed` when choosing training scenes.
 """

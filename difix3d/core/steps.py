@@ -9,7 +9,7 @@ A host (the nerfstudio methods, the plain gsplat trainer, your own loop) supplie
 - `training_images(indices)`: training-camera indices [K] -> their images [K, H, W, 3], float in
   [0, 1] (uint8 is accepted too);
 
-and a `Fixer` (`difix3d.fixer`). In the manner of gsplat's `Strategy`:
+and a `Fixer` (`difix3d.core.fixer`). In the manner of gsplat's `Strategy`:
 
     update = Difix3DUpdate(ProgressiveConfig(), fixer, training_poses, targets, out_dir, render, images)
     for step in range(start, max_steps):
@@ -30,11 +30,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from difix3d.core.fixer import Fixer
+from difix3d.core.poses import as_pose, nearest_poses
+from difix3d.core.progressive import ProgressiveConfig, ProgressiveUpdater, RoundPlan, Targets
 from difix3d.errors import Difix3DError
-from difix3d.fixer import Fixer
 from difix3d.images import from_uint8, to_uint8
-from difix3d.poses import as_pose, nearest_poses
-from difix3d.progressive import ProgressiveConfig, ProgressiveUpdater, RoundPlan, Targets
 
 Images = Union[Tensor, Sequence[Tensor]]
 RenderFn = Callable[[Tensor, Tensor], "tuple[Images, Images]"]
@@ -136,7 +136,7 @@ class Difix3DUpdate:
             config: the schedule and the pseudo-view knobs.
             fixer: fixes the rendered pseudo views.
             training_poses: [N, 3, 4] camera-to-world poses of the training cameras.
-            targets: the poses pseudo views travel toward (`difix3d.progressive.select_targets`).
+            targets: the poses pseudo views travel toward (`difix3d.core.progressive.select_targets`).
             output_dir: where rounds' images and the manifest are written.
             render, training_images: the host's callables (see the module docstring).
             seed: seed of the draw between real and pseudo views (its state is part of `state_dict`).

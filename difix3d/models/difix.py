@@ -4,9 +4,9 @@ A degraded image is encoded and used directly as the noisy latent at timestep 19
 added); one UNet evaluation gives the x0 prediction, which the VAE decoder turns back into an image.
 The decoder receives four encoder->decoder skip connections (1x1 convs) and is LoRA-tuned; the
 encoder is frozen; the UNet is fully trainable. References are extra views that the UNet's
-self-attention sees jointly with the target (see `difix3d.attention`); only the target is decoded.
+self-attention sees jointly with the target (see `difix3d.models.attention`); only the target is decoded.
 
-Loading and saving live in `difix3d.checkpoint`; `Difix.from_config(name)` is the only way to get
+Loading and saving live in `difix3d.models.checkpoint`; `Difix.from_config(name)` is the only way to get
 random weights.
 """
 
@@ -28,9 +28,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from difix3d.attention import install_multiview_attention
 from difix3d.errors import Difix3DError
-from difix3d.model_ids import PROMPT
+from difix3d.models.attention import install_multiview_attention
+from difix3d.models.ids import PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class Difix(nn.Module):
     Attributes: `unet` (diffusers UNet2DConditionModel), `vae` (diffusers AutoencoderKL whose
     decoder carries `skip_conv_1..n` and a peft LoRA adapter named "vae_skip"), buffer
     `prompt_embeds` ([1, prompt_length, cross_attention_dim], the encoded prompt).
-    Build with `Difix.from_config(...)` (random weights) or `difix3d.checkpoint.load_difix(...)`.
+    Build with `Difix.from_config(...)` (random weights) or `difix3d.models.checkpoint.load_difix(...)`.
     """
 
     def __init__(self, config: DifixConfig) -> None:

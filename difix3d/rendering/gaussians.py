@@ -1,10 +1,10 @@
 """A plain 3D Gaussian Splatting fitter: posed images and seed points in, Gaussians out.
 
-The reconstruction behind the ground-truth data engine (`difix3d.ground_truth_pairs`), in the
+The reconstruction behind the ground-truth data engine (`difix3d.data.ground_truth_pairs`), in the
 manner of gsplat's `examples/simple_trainer.py` and with Splatfacto's defaults: SH colours whose
 degree grows every `sh_degree_interval` steps, L1 + 0.2 (1 - SSIM) on a random background, gsplat's
 `DefaultStrategy` for densification, Splatfacto's learning rates (the means' rate scaled by the
-scene's extent and decayed exponentially). Rendering goes through `difix3d.rasterize`, so it runs
+scene's extent and decayed exponentially). Rendering goes through `difix3d.rendering.rasterize`, so it runs
 on the CPU as well as with gsplat's CUDA kernels.
 
 Poses are OpenCV camera-to-world matrices (x right, y down, z forward) in any metric world frame.
@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from difix3d.metrics import ssim
-from difix3d.rasterize import rasterization
+from difix3d.rendering.rasterize import rasterization
 
 SH_C0 = 0.28209479177387814  # degree-0 spherical-harmonics constant: colour = SH_C0 * sh0 + 0.5
 # Splatfacto renders uncovered pixels in this colour at evaluation (viser's background); the library's
@@ -100,7 +100,7 @@ def render_splats(
 ) -> tuple[Tensor, Tensor, dict]:
     """Renders [C, H, W, 3] colours (not clamped) and [C, H, W, 1] opacity for C OpenCV
     camera-to-world poses [C, 4, 4] (or [C, 3, 4]) with intrinsics K [C, 3, 3]; `background` [C, 3]
-    or None (black); other options go to `difix3d.rasterize.rasterization` (gsplat's)."""
+    or None (black); other options go to `difix3d.rendering.rasterize.rasterization` (gsplat's)."""
     poses = camera_to_world
     if poses.shape[-2] == 3:
         bottom = torch.tensor([0, 0, 0, 1], dtype=poses.dtype, device=poses.device).expand(*poses.shape[:-2], 1, 4)

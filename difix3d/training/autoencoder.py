@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from difix3d.metrics import psnr
-from difix3d.model import Difix, is_adapter_key
+from difix3d.models.difix import Difix, is_adapter_key
 
 
 @dataclass

@@ -4,7 +4,7 @@ A curation strategy describes a reconstruction as `TrainingViews` (a COLMAP scen
 on, the views it will render, extra posed images, which SfM points to keep) and asks a `Reconstructor`
 to train it, then to render views from the result, optionally as it was at an earlier step.
 
-`SplatReconstructor` is the library's: the in-process 3DGS fitter of `difix3d.gaussians` (Splatfacto's
+`SplatReconstructor` is the library's: the in-process 3DGS fitter of `difix3d.rendering.gaussians` (Splatfacto's
 schedule; CPU, or gsplat's kernels on CUDA), needing nothing but this package.
 `nerfstudio_plugin.reconstructor.NerfstudioReconstructor` trains the `difix3d-gs` nerfstudio method.
 """
@@ -21,8 +21,8 @@ import pycolmap
 import torch
 from tqdm.auto import tqdm
 
+from difix3d.data.sfm import camera_to_world
 from difix3d.errors import Difix3DError
-from difix3d.sfm import camera_to_world
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ class _Splats:
 
 
 class SplatReconstructor:
-    """3DGS by `difix3d.gaussians.fit_splats` (Splatfacto's schedule), seeded from the SfM points.
+    """3DGS by `difix3d.rendering.gaussians.fit_splats` (Splatfacto's schedule), seeded from the SfM points.
 
     Cameras must be undistorted (PINHOLE, or a model whose distortion is zero): the rasterizer is a
     pinhole projection. Renders fill uncovered pixels with Splatfacto's evaluation background.
@@ -177,8 +177,8 @@ class SplatReconstructor:
         self.progress = progress
 
     def train(self, views: TrainingViews, folder: Path, steps: int, checkpoint_steps: Sequence[int] = ()) -> _Splats:
-        from difix3d.gaussians import SplatFitConfig, fit_splats
         from difix3d.images import from_uint8, load_image
+        from difix3d.rendering.gaussians import SplatFitConfig, fit_splats
 
         reconstruction = derived_reconstruction(views)
         images = [torch.from_numpy(load_image(_image_file(views, name))) for name in views.train]
@@ -210,8 +210,8 @@ class SplatReconstructor:
         return _Splats(views, folder, cameras, snapshots)
 
     def render(self, reconstruction: _Splats, names: Sequence[str], step: int | None = None) -> dict[str, Path]:
-        from difix3d.gaussians import EVAL_BACKGROUND, SplatFitConfig, render_splats
         from difix3d.images import save_image
+        from difix3d.rendering.gaussians import EVAL_BACKGROUND, SplatFitConfig, render_splats
 
         if step not in reconstruction.params:
             raise Difix3DError(f"no checkpoint at step {step}; kept: {sorted(s for s in reconstruction.params if s)}")

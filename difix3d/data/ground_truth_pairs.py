@@ -1,8 +1,8 @@
 """The ground-truth data engine: Difix training pairs from procedural scenes, at any pose.
 
-A procedural scene (`difix3d.scenes`) can be ray-traced at any camera pose, so its pairs are not
+A procedural scene (`difix3d.data.scenes`) can be ray-traced at any camera pose, so its pairs are not
 limited to held-out photographs. For each scene this reconstructs 3DGS the way the quality
-benchmark does (its sparse training views on one side of the room; `difix3d.gaussians`, seeded from
+benchmark does (its sparse training views on one side of the room; `difix3d.rendering.gaussians`, seeded from
 surface points the training views see), then renders the reconstruction at many novel poses and at
 several points of its schedule (under-trained snapshots give milder and stronger artifacts), and
 pairs every render with the ray-traced truth and the nearest training image as reference.
@@ -20,7 +20,7 @@ Novel poses (true world frame, seeded by the scene):
 
 Output: `OUT/<scene>/ground-truth/{truth,step-XXXXX}/<pose>.png`, the references under
 `OUT/<scene>/images/`, and the manifest `OUT/<scene>/ground-truth.json` (written last: a finished
-scene is skipped on the next run), in `difix3d.curation`'s manifest format.
+scene is skipped on the next run), in `difix3d.data.curation`'s manifest format.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 
+from difix3d.core.poses import nearest_poses, quaternion_slerp, matrix_to_quaternion, quaternion_to_matrix
+from difix3d.data.scenes import GroundTruth, load_ground_truth, look_at
 from difix3d.errors import Difix3DError
-from difix3d.gaussians import EVAL_BACKGROUND, SplatFitConfig, fit_splats, render_splats, seed_points_from_depth
 from difix3d.images import from_uint8, to_uint8
-from difix3d.model_ids import PROMPT
-from difix3d.poses import nearest_poses, quaternion_slerp, matrix_to_quaternion, quaternion_to_matrix
-from difix3d.scenes import GroundTruth, load_ground_truth, look_at
+from difix3d.models.ids import PROMPT
+from difix3d.rendering.gaussians import EVAL_BACKGROUND, SplatFitConfig, fit_splats, render_splats, seed_points_from_depth
 
 STRATEGY = "ground-truth"
 TRAINING_VIEW_PREFIX = "training_"

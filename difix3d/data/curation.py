@@ -2,7 +2,7 @@
 
 Each strategy reconstructs a scene in a way that degrades it, renders views whose clean photographs
 exist, and pairs each render (input) with its photograph (target) and the nearest clean view the
-degraded model saw, by `difix3d.poses.pose_distance` (reference; never the target itself):
+degraded model saw, by `difix3d.core.poses.pose_distance` (reference; never the target itself):
 
 - `sparse`: train on every n-th view (sorted by name), render the held-out views; reference: the
   nearest training view.
@@ -17,9 +17,9 @@ degraded model saw, by `difix3d.poses.pose_distance` (reference; never the targe
   other original view.
 - `ground-truth` (procedural scenes from `difix3d scene` only): reconstruct with the in-process 3DGS
   fitter, render it at many novel poses and several points of its schedule, and pair the renders with
-  the ray-traced truth at those poses (`difix3d.ground_truth_pairs`); needs no COLMAP model.
+  the ray-traced truth at those poses (`difix3d.data.ground_truth_pairs`); needs no COLMAP model.
 
-The reconstructions go through a `difix3d.reconstruction.Reconstructor` (`--reconstructor`): the
+The reconstructions go through a `difix3d.data.reconstruction.Reconstructor` (`--reconstructor`): the
 library's own 3DGS fitter (`splats`, the default), or nerfstudio's `difix3d-gs` with Difix off
 (`nerfstudio`, from `nerfstudio_plugin`). For `sparse` and `cross` they keep only the 3D points seen
 by two or more training views, so held-out views add no geometry.
@@ -64,12 +64,12 @@ import torch
 import tyro
 from tqdm.auto import tqdm
 
+from difix3d.core.poses import pairwise_pose_distance
 from difix3d.errors import Difix3DError
-from difix3d.model_ids import PROMPT
-from difix3d.poses import pairwise_pose_distance
 from difix3d.files import atomic_write_bytes
+from difix3d.models.ids import PROMPT
 # SceneViews, load_scene and scene_id are used here and re-exported (curation's API before they moved).
-from difix3d.reconstruction import Reconstructor, SceneViews, TrainingViews, load_scene, scene_id  # noqa: F401
+from difix3d.data.reconstruction import Reconstructor, SceneViews, TrainingViews, load_scene, scene_id  # noqa: F401
 
 Strategy = Literal["sparse", "underfit", "cross", "cycle", "ground-truth"]
 GROUND_TRUTH = "ground-truth"
@@ -119,7 +119,7 @@ class CurateConfig:
     overwrite: bool = False
     """Redo the selected strategies of the selected scenes even when finished."""
     reconstructor: Literal["splats", "nerfstudio"] = "splats"
-    """How scenes are reconstructed: the library's 3DGS fitter (`difix3d.gaussians`; undistorted
+    """How scenes are reconstructed: the library's 3DGS fitter (`difix3d.rendering.gaussians`; undistorted
     cameras only), or nerfstudio's `difix3d-gs` method with Difix off (plain Splatfacto)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """The reconstructor's device ("auto": CUDA when available)."""
@@ -205,7 +205,7 @@ def curate(config: CurateConfig, reconstructor: Reconstructor | None = None) -> 
             if stale.exists():
                 shutil.rmtree(stale)
         if strategy == GROUND_TRUTH:
-            from difix3d.ground_truth_pairs import curate_ground_truth_scene
+            from difix3d.data.ground_truth_pairs import curate_ground_truth_scene
 
             pairs = curate_ground_truth_scene(scene.root, out, ground_truth_config(config), progress=False)
         else:
@@ -236,7 +236,7 @@ def curate_command(config: Annotated[CurateConfig, tyro.conf.OmitArgPrefixes]) -
     """Curate (degraded render, clean target, reference) pairs from COLMAP scenes for `difix3d train`.
 
     Reconstructs each scene in degraded ways (with the library's 3DGS fitter, or nerfstudio's
-    `difix3d-gs` with Difix off) and pairs renders with the photographs; see difix3d/curation.py for
+    `difix3d-gs` with Difix off) and pairs renders with the photographs; see difix3d/data/curation.py for
     the strategies and the output layout.
     """
     result = curate(config)
@@ -267,7 +267,7 @@ def make_reconstructor(config: CurateConfig) -> Reconstructor:
         from nerfstudio_plugin.reconstructor import NerfstudioReconstructor
 
         return NerfstudioReconstructor(device)
-    from difix3d.reconstruction import SplatReconstructor
+    from difix3d.data.reconstruction import SplatReconstructor
 
     return SplatReconstructor(device)
 
@@ -286,8 +286,8 @@ def strategy_parameters(config: CurateConfig, strategy: str) -> dict:
 
 
 def ground_truth_config(config: CurateConfig):
-    """The ground-truth data engine's settings (`difix3d.ground_truth_pairs`) from `difix3d curate`'s."""
-    from difix3d.ground_truth_pairs import GroundTruthPairsConfig
+    """The ground-truth data engine's settings (`difix3d.data.ground_truth_pairs`) from `difix3d curate`'s."""
+    from difix3d.data.ground_truth_pairs import GroundTruthPairsConfig
 
     steps = config.ground_truth_steps
     return GroundTruthPairsConfig(
@@ -456,7 +456,7 @@ def _shifted_name(name: str) -> str:
 
 _STRATEGIES = {"sparse": _sparse, "underfit": _underfit, "cross": _cross, "cycle": _cycle}
 # Manifests that `assemble_dataset` reads: these strategies and the ground-truth data engine's
-# (`difix3d.ground_truth_pairs`, procedural scenes only).
+# (`difix3d.data.ground_truth_pairs`, procedural scenes only).
 _MANIFEST_NAMES = (*_STRATEGIES, GROUND_TRUTH)
 
 

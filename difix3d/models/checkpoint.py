@@ -34,13 +34,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from difix3d.errors import Difix3DError
-from difix3d.model_ids import (  # noqa: F401  (DEFAULT_BASE, EMBEDDED_DIFIX re-exported)
+from difix3d.models.ids import (
     DEFAULT_BASE,
-    EMBEDDED_DIFIX,
     random_weights_architecture,
     random_weights_name,
 )
-from difix3d.model import LORA_ADAPTER, NAMED_ARCHITECTURES, Difix, DifixConfig, is_adapter_key
+from difix3d.models.difix import LORA_ADAPTER, NAMED_ARCHITECTURES, Difix, DifixConfig, is_adapter_key
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ resized to it (bilinear, antialiased) and logged; a different aspect ratio is re
 field is accepted but not used: Difix keeps its fixed prompt embedding.
 
 Training (defaults as in the reference release): the UNet fully and the VAE decoder's LoRA and skip
-convs (`Difix.trainable_parameters`); loss L2 + LPIPS + Gram (`difix3d.losses.DifixLoss`); AdamW
+convs (`Difix.trainable_parameters`); loss L2 + LPIPS + Gram (`difix3d.training.losses.DifixLoss`); AdamW
 (lr 2e-5, weight decay 1e-2), grad-norm clip 1.0; the same random crop of input, reference and
 target. `accelerate` places devices, runs mixed precision (bf16 on GPUs that support it) and
 distributes: `accelerate launch -m difix3d.cli train ...` runs one process per GPU (and node), and
@@ -50,11 +50,11 @@ import tyro
 from safetensors.torch import load_file, save_file
 
 from difix3d.errors import Difix3DError
-from difix3d.images import load_image, save_image
-from difix3d.losses import GRAM_LAYER_WEIGHTS, DifixLoss, LossTerms
 from difix3d.imagenet_weights import describe, find_imagenet_weights
+from difix3d.images import load_image, save_image
 from difix3d.metrics import LPIPSMetric, image_scores
-from difix3d.model_ids import DEFAULT_BASE
+from difix3d.models.ids import DEFAULT_BASE
+from difix3d.training.losses import GRAM_LAYER_WEIGHTS, DifixLoss, LossTerms
 
 logger = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ class DifixTrainer:
             vgg16_weights=config.vgg16_weights,
         ).to(self.device)
 
-        from difix3d.checkpoint import load_difix
+        from difix3d.models.checkpoint import load_difix
 
         model = load_difix(config.model, device=self.device, dtype=torch.float32, base=config.base)
         if self.splits["train"][0].ref is not None and not model.config.reference_views:
@@ -591,7 +591,7 @@ class DifixTrainer:
 
     def save_model(self, result: TrainResult) -> None:
         """Save the trained model into the output folder (`save_pretrained`) with its model card."""
-        from difix3d.checkpoint import save_pretrained  # diffusers: imported when a model is saved, not by `difix3d --help`
+        from difix3d.models.checkpoint import save_pretrained  # diffusers: imported when a model is saved, not by `difix3d --help`
 
         self.accelerator.wait_for_everyone()
         if self._is_main:
@@ -628,7 +628,7 @@ class DifixTrainer:
         layer_weights = ", ".join(f"{w:.4g}" for w in GRAM_LAYER_WEIGHTS)
         return f"""# Difix fine-tuned with difix3d
 
-Load this folder with `difix3d.checkpoint.load_difix(FOLDER)` or `difix3d fix --model FOLDER ...`.
+Load this folder with `difix3d.models.checkpoint.load_difix(FOLDER)` or `difix3d fix --model FOLDER ...`.
 Paths are relative to this folder.
 
 - **Started from**: `{self._card_path(config.model)}`
