@@ -69,3 +69,17 @@ def test_the_library_runs_no_programs():
     """No child processes (nerfstudio's tools, pip) from library code: entry points run those."""
     offenders = [path.name for path in LIBRARY.rglob("*.py") if "subprocess" in path.read_text() or "ns-train" in path.read_text()]
     assert offenders == []
+
+
+def test_configs_saved_before_the_subpackages_still_load():
+    """nerfstudio's config.yml names the classes of the run's settings; runs saved when the core's
+    modules were `difix3d.progressive` and `difix3d.core` must still open (ns-render, ns-eval, resume)."""
+    import yaml
+
+    from difix3d.core.progressive import ProgressiveConfig
+    from difix3d.core.steps import EnhancerConfig
+
+    saved = "progressive: !!python/object:difix3d.progressive.ProgressiveConfig {num_refs: 2}\n" \
+            "enhancer: !!python/object:difix3d.core.EnhancerConfig {num_refs: 3}\n"  # fmt: skip
+    loaded = yaml.load(saved, Loader=yaml.Loader)  # what nerfstudio's eval_setup does
+    assert loaded["progressive"] == ProgressiveConfig(num_refs=2) and loaded["enhancer"] == EnhancerConfig(num_refs=3)
