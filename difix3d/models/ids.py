@@ -10,7 +10,7 @@ DEFAULT_BASE = "stabilityai/sd-turbo"
 # The Difix that ships inside the package: the `tiny` architecture trained on procedural scenes on the
 # CPU by scripts/bench_quality.py (see its README.md). The default where no model is named; it knows
 # nothing but those scenes: name `nvidia/difix_ref` for photographs.
-EMBEDDED_DIFIX = str(Path(__file__).resolve().parents[1] / "assets" / "difix-tiny-procedural")
+EMBEDDED_DIFIX = str(Path(__file__).resolve().parents[1] / "assets" / "difix-small-procedural")
 
 PROMPT = "remove degradation"
 """Difix's fixed text prompt (the release's)."""
