@@ -5,11 +5,14 @@
 The kind of a ground-truth pair is the kind of its pose (`difix3d.data.ground_truth_pairs`): `training`
 (a render at a training pose: near-identity), `extreme`, `progressive` (on the way to an extreme
 pose) or `wide`; other strategies' pairs count as `other`. Prints a table and, with `--json`, writes
-the figures.
+the figures. `--ablations` also scores each model without its reference view and with its UNet
+silenced: how much of a fix comes from the reference, and how much from the UNet at all.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 from collections import defaultdict
@@ -31,6 +34,9 @@ class EvalPairs:
     max_pairs: int = 0
     """Score only the first N test pairs (0: all)."""
     json: Path | None = None
+    ablations: bool = False
+    """Also score each model "<spec> no ref" (references dropped) and "<spec> UNet off" (the UNet's last
+    conv zeroed, so it predicts no noise: what the decoder's adapters and skip convs do alone)."""
 
 
 def pair_kind(pair_id: str) -> str:
@@ -46,6 +52,10 @@ def pair_kind(pair_id: str) -> str:
     return view.split("_", 1)[0]
 
 
+def fix_with(model, image: torch.Tensor, ref: torch.Tensor | None, use_ref: bool) -> torch.Tensor:
+    return model.fix(image, refs=ref if use_ref else None)
+
+
 @torch.no_grad()
 def main(settings: EvalPairs) -> dict:
     from difix3d.metrics import LPIPSMetric, image_scores
@@ -59,10 +69,20 @@ def main(settings: EvalPairs) -> dict:
     pairs = pairs[: settings.max_pairs] if settings.max_pairs else pairs
     lpips = LPIPSMetric("alex")
     models = {spec: load_difix(EMBEDDED_DIFIX if spec == "embedded" else spec, device="cpu").eval() for spec in settings.model}
+    fixers = {spec: functools.partial(fix_with, model, use_ref=True) for spec, model in models.items()}
+    if settings.ablations:
+        for spec, model in models.items():
+            silenced = copy.deepcopy(model)
+            torch.nn.init.zeros_(silenced.unet.conv_out.weight)
+            torch.nn.init.zeros_(silenced.unet.conv_out.bias)
+            fixers[f"{spec} no ref"] = functools.partial(fix_with, model, use_ref=False)
+            fixers[f"{spec} UNet off"] = functools.partial(fix_with, silenced, use_ref=True)
     scores: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for pair in tqdm(pairs, desc="pairs", unit="pair"):
         image, target, ref = (None if t is None else t[None] for t in load_pair_images(pair))
-        outputs = {"input": image.float(), **{spec: model.fix(image, refs=ref).float().clamp(0, 1) for spec, model in models.items()}}
+        outputs = {"input": image.float()}
+        for name, fix in fixers.items():
+            outputs[name] = fix(image, ref).float().clamp(0, 1)
         for name, output in outputs.items():
             measured = image_scores(output, target, lpips)
             for kind in (pair_kind(pair.id), "all"):
@@ -73,12 +93,13 @@ def main(settings: EvalPairs) -> dict:
                **{name: {metric: float(np.mean(values)) for metric, values in metrics.items()} for name, metrics in by_name.items()}}
         for kind, by_name in sorted(scores.items())
     }  # fmt: skip
-    print(f"{'pairs':<12} {'n':>4}  " + "  ".join(f"{name[-28:]:>28}" for name in ["input", *settings.model]))
+    names = ["input", *fixers]
+    print(f"{'pairs':<12} {'n':>4}  " + "  ".join(f"{name[-28:]:>28}" for name in names))
     for kind, row in summary.items():
-        cells = [f"{row[name]['psnr']:.2f} / {row[name]['ssim']:.3f} / {row[name].get('lpips', float('nan')):.3f}" for name in ["input", *settings.model]]
+        cells = [f"{row[name]['psnr']:.2f} / {row[name]['ssim']:.3f} / {row[name].get('lpips', float('nan')):.3f}" for name in names]
         print(f"{kind:<12} {row['pairs']:>4}  " + "  ".join(f"{cell:>28}" for cell in cells))
     if settings.json is not None:
-        settings.json.write_text(json.dumps({"dataset": settings.dataset.name, "models": settings.model, "summary": summary}, indent=1))
+        settings.json.write_text(json.dumps({"dataset": settings.dataset.name, "models": list(fixers), "summary": summary}, indent=1))
     return summary
 
 

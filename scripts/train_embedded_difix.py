@@ -52,6 +52,8 @@ class Settings:
     difix_steps: int = 10_000
     difix_lr: float = 2e-4
     """A from-scratch UNet needs far more than the release's 2e-5 (which fine-tunes SD-Turbo)."""
+    difix_unet_lr: float | None = None
+    """The UNet's own learning rate (None: `difix_lr`); its last conv starts at zero (identity start)."""
     crop: int = 160
     """Crop side for Difix training (160 at 160x120: whole images, so holes keep their context)."""
     lambda_lpips: float = 1.0
@@ -190,7 +192,7 @@ def train_difix(settings: Settings, dataset: Path, start: Path) -> None:
     result = train(
         TrainConfig(
             dataset=dataset, output=folder, model=str(start), steps=settings.difix_steps, crop_size=settings.crop,
-            learning_rate=settings.difix_lr, lambda_lpips=settings.lambda_lpips, lambda_gram=settings.lambda_gram,
+            learning_rate=settings.difix_lr, unet_learning_rate=settings.difix_unet_lr, lambda_lpips=settings.lambda_lpips, lambda_gram=settings.lambda_gram,
             gram_warmup_steps=settings.gram_warmup_steps, eval_every=1000, checkpoint_every=250, eval_max_pairs=settings.eval_pairs,
             resume=(folder / "checkpoints").is_dir(),
         )

@@ -102,10 +102,23 @@ def test_resume_continues_bit_for_bit(full_run, dataset, tmp_path):
     resumed = train(_config(dataset, output, steps=12, resume=True))
     assert resumed.first_step == 11
     assert resumed.losses == uninterrupted.losses[10:12]
-    # A resumed run takes its own learning rate, not the one stored in the optimizer state.
+    # A resumed run takes its own learning rates (the UNet's, the decoder adapters'), not the ones
+    # stored in the optimizer state.
     train(_config(dataset, output, steps=13, resume=True, learning_rate=1e-3))
-    saved = torch.load(sorted((output / "checkpoints").iterdir())[-1] / "optimizer.pt", weights_only=True)
-    assert [group["lr"] for group in saved["param_groups"]] == [1e-3]
+    newest = _newest_optimizer_state(output)
+    assert [group["lr"] for group in torch.load(newest, weights_only=True)["param_groups"]] == [1e-3, 1e-3]
+    # A checkpoint from before the UNet had its own group (one group, the UNet's parameters first) resumes.
+    saved = torch.load(newest, weights_only=True)
+    unet, adapters = saved["param_groups"]
+    saved["param_groups"] = [{**unet, "params": unet["params"] + adapters["params"]}]
+    torch.save(saved, newest)
+    train(_config(dataset, output, steps=14, resume=True, learning_rate=1e-3, unet_learning_rate=5e-3))
+    newest = _newest_optimizer_state(output)
+    assert [group["lr"] for group in torch.load(newest, weights_only=True)["param_groups"]] == [5e-3, 1e-3]
+
+
+def _newest_optimizer_state(output: Path) -> Path:
+    return sorted((output / "checkpoints").iterdir())[-1] / "optimizer.pt"
 
 
 def test_missing_file_fails_before_training_with_the_path(dataset, tmp_path, capsys):

@@ -84,6 +84,9 @@ class TrainConfig:
     crop_size: int = 512
     """Side of the random square crop (reduced to the smallest training image, multiple of 8)."""
     learning_rate: float = 2e-5
+    unet_learning_rate: float | None = None
+    """The UNet's learning rate (None: --learning-rate). A UNet whose last conv starts at zero (the
+    identity start of from-scratch architectures) learns slowly next to the decoder's adapters."""
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     lambda_l2: float = 1.0
@@ -363,9 +366,10 @@ class DifixTrainer:
         self.trainable_names = _trainable_names(model)
         self._warn_about_prompts(model)
         # fused AdamW on CUDA: one kernel, no temporary copies of the optimizer state.
+        unet = {id(parameter) for parameter in model.unet.parameters()}
+        groups = [[p for p in model.trainable_parameters() if (id(p) in unet) == is_unet] for is_unet in (True, False)]
         optimizer = torch.optim.AdamW(
-            list(model.trainable_parameters()),
-            lr=config.learning_rate,
+            [{"params": params, "lr": lr} for params, lr in zip(groups, self._learning_rates())],
             weight_decay=config.weight_decay,
             fused=self.device.type == "cuda",
         )
@@ -538,6 +542,11 @@ class DifixTrainer:
             )
         return None
 
+    def _learning_rates(self) -> tuple[float, float]:
+        """(the UNet's, the decoder adapters') learning rates: the optimizer's two parameter groups."""
+        unet = self.config.learning_rate if self.config.unet_learning_rate is None else self.config.unet_learning_rate
+        return unet, self.config.learning_rate
+
     def _load_checkpoint(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
         state = json.loads((directory / "state.json").read_text())
         if state["model"] != self.config.model:
@@ -559,15 +568,20 @@ class DifixTrainer:
                     parameter.copy_(trainable[name])
         # Read to the CPU (a process's device may be "cpu:N", which torch.load cannot map to);
         # load_state_dict moves the state next to its parameters.
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
-        # The optimizer state carries the earlier run's learning rate and weight decay: this run's flags win.
-        wanted = {"lr": self.config.learning_rate, "weight_decay": self.config.weight_decay}
-        earlier = {(group["lr"], group["weight_decay"]) for group in optimizer.param_groups}
-        if earlier != {tuple(wanted.values())}:
-            logger.info("resuming with learning rate %g, weight decay %g (the checkpoint's run: %s)",
-                        *wanted.values(), ", ".join(f"{lr:g}, {decay:g}" for lr, decay in sorted(earlier)))  # fmt: skip
-        for group in optimizer.param_groups:
-            group.update(wanted)
+        saved = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        if len(saved["param_groups"]) == 1:  # saved before the UNet had its own group: the UNet's parameters came first
+            (group,) = saved["param_groups"]
+            unet_count = len(optimizer.param_groups[0]["params"])
+            saved["param_groups"] = [{**group, "params": group["params"][:unet_count]}, {**group, "params": group["params"][unet_count:]}]
+        optimizer.load_state_dict(saved)
+        # The optimizer state carries the earlier run's learning rates and weight decay: this run's flags win.
+        wanted = [(lr, self.config.weight_decay) for lr in self._learning_rates()]
+        earlier = [(group["lr"], group["weight_decay"]) for group in optimizer.param_groups]
+        if earlier != wanted:
+            logger.info("resuming with (learning rate, weight decay) %s for the UNet and the decoder's adapters (the checkpoint's run: %s)",
+                        wanted, earlier)  # fmt: skip
+        for group, (lr, decay) in zip(optimizer.param_groups, wanted):
+            group.update(lr=lr, weight_decay=decay)
         if self.accelerator.scaler is not None and (directory / "grad_scaler.pt").is_file():
             self.accelerator.scaler.load_state_dict(torch.load(directory / "grad_scaler.pt", weights_only=True))
         logger.info("resumed from %s (step %d)", directory, state["step"])
@@ -638,7 +652,7 @@ Paths are relative to this folder.
 random {self.crop[0]}x{self.crop[1]} crops
 - **Processes**: {self.accelerator.num_processes}; effective batch size {config.batch_size * self.accelerator.num_processes} \
 pairs per step ({config.batch_size} per process)
-- **Optimizer**: AdamW, lr {config.learning_rate:g}, weight decay {config.weight_decay:g}, grad-norm clip {config.max_grad_norm:g}
+- **Optimizer**: AdamW, lr {config.learning_rate:g}{"" if config.unet_learning_rate is None else f" (UNet {config.unet_learning_rate:g})"}, weight decay {config.weight_decay:g}, grad-norm clip {config.max_grad_norm:g}
 - **Precision**: {"fp32" if self.accelerator.mixed_precision == "no" else self.accelerator.mixed_precision + " mixed precision"}; gradient checkpointing {"on" if config.gradient_checkpointing else "off"}
 - **Trained**: UNet (all weights), VAE decoder LoRA and skip convs; VAE encoder frozen
 - **Loss**: {config.lambda_l2:g}·L2 + {config.lambda_lpips:g}·LPIPS(VGG) + {config.lambda_gram:g}·Gram \
@@ -706,6 +720,8 @@ def _check_config(config: TrainConfig) -> None:
             raise Difix3DError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if config.learning_rate <= 0:
         raise Difix3DError(f"--learning-rate must be positive, got {config.learning_rate}")
+    if config.unet_learning_rate is not None and config.unet_learning_rate <= 0:
+        raise Difix3DError(f"--unet-learning-rate must be positive, got {config.unet_learning_rate}")
     if min(config.lambda_l2, config.lambda_lpips, config.lambda_gram) < 0:
         raise Difix3DError("loss weights (--lambda-*) must not be negative")
 
