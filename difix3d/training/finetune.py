@@ -366,10 +366,12 @@ class DifixTrainer:
         self.trainable_names = _trainable_names(model)
         self._warn_about_prompts(model)
         # fused AdamW on CUDA: one kernel, no temporary copies of the optimizer state.
-        unet = {id(parameter) for parameter in model.unet.parameters()}
-        groups = [[p for p in model.trainable_parameters() if (id(p) in unet) == is_unet] for is_unet in (True, False)]
+        # Two groups, the UNet's parameters first (as `trainable_parameters` yields them), then the decoder's adapters.
+        unet = list(model.unet.parameters())
+        in_unet = {id(parameter) for parameter in unet}
+        adapters = [parameter for parameter in model.trainable_parameters() if id(parameter) not in in_unet]
         optimizer = torch.optim.AdamW(
-            [{"params": params, "lr": lr} for params, lr in zip(groups, self._learning_rates())],
+            [{"params": params, "lr": lr} for params, lr in zip((unet, adapters), self._learning_rates())],
             weight_decay=config.weight_decay,
             fused=self.device.type == "cuda",
         )
