@@ -49,6 +49,9 @@ class Settings:
     architecture: str = "small"
     autoencoder_steps: int = 3000
     autoencoder_lr: float = 1e-3
+    autoencoder_latent_only_weight: float = 1.0
+    """Weight of the autoencoder's L2 term on reproductions decoded from the latent alone (0: the
+    first embedded Difix's autoencoder, whose decoder bypassed its latent)."""
     difix_steps: int = 10_000
     difix_lr: float = 2e-4
     """A from-scratch UNet needs far more than the release's 2e-5 (which fine-tunes SD-Turbo)."""
@@ -70,6 +73,8 @@ class Settings:
     """Folder of the Difix run inside WORK (copy a run's folder to branch it off at its last checkpoint)."""
     eval_pairs: int = 64
     """Test pairs of each Difix evaluation (the first ones of the dataset's test split)."""
+    threads: int = 1
+    """PyTorch's CPU threads (1 is fastest when other jobs share the cores)."""
 
 
 def log(message: str) -> None:
@@ -155,15 +160,19 @@ def train_autoencoder(settings: Settings) -> Path:
     log(f"autoencoder: {len(images['train'])} clean training images, {len(images['test'])} held out")
     started = time.process_time()
     difix = Difix.from_config(settings.architecture)
-    config = AutoencoderConfig(steps=settings.autoencoder_steps, learning_rate=settings.autoencoder_lr)
+    config = AutoencoderConfig(steps=settings.autoencoder_steps, learning_rate=settings.autoencoder_lr,
+                               latent_only_weight=settings.autoencoder_latent_only_weight)  # fmt: skip
     settings.work.mkdir(parents=True, exist_ok=True)
     pretrain_autoencoder(difix, images["train"], config, checkpoint=settings.work / "autoencoder_checkpoint.pt", checkpoint_every=50,
                          on_log=lambda step, loss: log(f"autoencoder step {step}: L2 {loss:.5f}"))  # fmt: skip
     held_out = autoencoder_psnr(difix, images["test"])
-    log(f"autoencoder reproduces held-out images at {held_out:.2f} dB PSNR")
+    latent_only = autoencoder_psnr(difix, images["test"], skips=False)
+    log(f"autoencoder reproduces held-out images at {held_out:.2f} dB PSNR ({latent_only:.2f} dB from the latent alone)")
     save_pretrained(difix, folder)
     record(settings, "autoencoder", {
         "architecture": settings.architecture, "steps": settings.autoencoder_steps, "held_out_psnr": round(held_out, 2),
+        "held_out_latent_only_psnr": round(latent_only, 2), "latent_only_weight": settings.autoencoder_latent_only_weight,
+        "scaling_factor": difix.config.vae["scaling_factor"],
         "train_images": len(images["train"]), "held_out_images": len(images["test"]),
         "cpu_seconds": round(time.process_time() - started, 1),
     })  # fmt: skip
@@ -211,7 +220,7 @@ def _shard_suffix(settings: Settings) -> str:
 def main(settings: Settings) -> None:
     from difix3d.runtime import configure_cpu_runtime
 
-    configure_cpu_runtime(1)  # one thread is fastest on a shared 2-core machine
+    configure_cpu_runtime(settings.threads)
     if "scenes" in settings.stages:
         build_scenes(settings)
     if "pairs" in settings.stages:

@@ -13,6 +13,7 @@ from difix3d.data.curation import CurateConfig, curate
 from difix3d.data.ground_truth_pairs import GroundTruthPairsConfig, novel_poses
 from difix3d.data.scenes import build_scene, load_ground_truth
 from difix3d.errors import Difix3DError
+from difix3d.models.checkpoint import load_difix, save_pretrained
 from difix3d.models.difix import Difix
 from difix3d.training.autoencoder import AutoencoderConfig, autoencoder_psnr, identity_start, pretrain_autoencoder, reconstruct
 
@@ -70,7 +71,7 @@ def test_curate_ground_truth_pairs_renders_with_truth_and_nearest_training_view(
         curate(CurateConfig(**{**vars(config), "ground_truth_steps": 12}))
 
 
-def test_autoencoder_pretraining_learns_to_reproduce(scene):
+def test_autoencoder_pretraining_learns_to_reproduce_from_a_unit_scale_latent(scene, tmp_path):
     images = torch.stack([torch.from_numpy(iio.imread(path)[..., :3]).permute(2, 0, 1).float() / 127.5 - 1
                           for path in sorted((scene / "images").glob("*.png"))])  # fmt: skip
     difix = Difix.from_config("tiny")
@@ -78,6 +79,16 @@ def test_autoencoder_pretraining_learns_to_reproduce(scene):
     pretrain_autoencoder(difix, images, AutoencoderConfig(steps=40, batch_size=2, crop=48, learning_rate=3e-3), progress=False)
     after = autoencoder_psnr(difix, images)
     assert after > before + 3
+    # The latent carries the image (the UNet only sees latents), not only the skip convs.
+    assert autoencoder_psnr(difix, images, skips=False) > before + 3
+    # The UNet sees unit-scale latents, and the scaling factor travels with the saved model.
+    with torch.no_grad():
+        assert float(difix.encode(images)[0].std()) == pytest.approx(1.0, rel=1e-4)
+    save_pretrained(difix, tmp_path / "autoencoder")
+    loaded = load_difix(str(tmp_path / "autoencoder"), device="cpu")
+    assert loaded.vae.config.scaling_factor == difix.vae.config.scaling_factor != 0.18215
+    with torch.no_grad():
+        assert torch.allclose(reconstruct(loaded, images), reconstruct(difix, images), atol=1e-6)
     # Back to Difix's training split: only the adapters of the VAE are trainable.
     trainable = {name for name, parameter in difix.vae.named_parameters() if parameter.requires_grad}
     assert trainable and all("lora_" in name or "skip_conv_" in name for name in trainable)
