@@ -52,6 +52,8 @@ class Settings:
     autoencoder_latent_only_weight: float = 1.0
     """Weight of the autoencoder's L2 term on reproductions decoded from the latent alone (0: the
     first embedded Difix's autoencoder, whose decoder bypassed its latent)."""
+    autoencoder_unit_latent: bool = True
+    """Give the latents unit standard deviation through the VAE's scaling factor (False: SD's 0.18215)."""
     difix_steps: int = 10_000
     difix_lr: float = 2e-4
     """A from-scratch UNet needs far more than the release's 2e-5 (which fine-tunes SD-Turbo)."""
@@ -161,7 +163,7 @@ def train_autoencoder(settings: Settings) -> Path:
     started = time.process_time()
     difix = Difix.from_config(settings.architecture)
     config = AutoencoderConfig(steps=settings.autoencoder_steps, learning_rate=settings.autoencoder_lr,
-                               latent_only_weight=settings.autoencoder_latent_only_weight)  # fmt: skip
+                               latent_only_weight=settings.autoencoder_latent_only_weight, unit_latent=settings.autoencoder_unit_latent)  # fmt: skip
     settings.work.mkdir(parents=True, exist_ok=True)
     pretrain_autoencoder(difix, images["train"], config, checkpoint=settings.work / "autoencoder_checkpoint.pt", checkpoint_every=50,
                          on_log=lambda step, loss: log(f"autoencoder step {step}: L2 {loss:.5f}"))  # fmt: skip
@@ -172,6 +174,7 @@ def train_autoencoder(settings: Settings) -> Path:
     record(settings, "autoencoder", {
         "architecture": settings.architecture, "steps": settings.autoencoder_steps, "held_out_psnr": round(held_out, 2),
         "held_out_latent_only_psnr": round(latent_only, 2), "latent_only_weight": settings.autoencoder_latent_only_weight,
+        "unit_latent": settings.autoencoder_unit_latent,
         "scaling_factor": difix.config.vae["scaling_factor"],
         "train_images": len(images["train"]), "held_out_images": len(images["test"]),
         "cpu_seconds": round(time.process_time() - started, 1),

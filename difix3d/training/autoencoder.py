@@ -44,6 +44,9 @@ class AutoencoderConfig:
     latent_only_weight: float = 1.0
     """Weight of the L2 term on the reproduction decoded from the latent alone (skip features
     dropped); 0 trains the full reproduction only, and the decoder then bypasses the latent."""
+    unit_latent: bool = True
+    """At the end, set the VAE's scaling factor so that latents have unit standard deviation (False:
+    keep SD's 0.18215, which leaves a from-scratch VAE's latents far from unit scale)."""
 
 
 def autoencoder_parameters(difix: Difix) -> list[torch.nn.Parameter]:
@@ -118,7 +121,8 @@ def pretrain_autoencoder(
     for name, parameter in difix.vae.named_parameters():
         parameter.requires_grad_(is_adapter_key(name))
     difix.eval()
-    normalize_latent_scale(difix, images[:: max(1, len(images) // 64)])
+    if config.unit_latent:
+        normalize_latent_scale(difix, images[:: max(1, len(images) // 64)])
     return difix
 
 
