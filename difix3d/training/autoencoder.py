@@ -58,7 +58,12 @@ def reconstruct(difix: Difix, images: torch.Tensor, skips: bool = True) -> torch
     """The autoencoder's reproduction of images [N, 3, H, W] in [-1, 1] (H, W multiples of 8);
     with `skips` False, decoded from the latent alone."""
     latents, features = difix.encode(images)
-    return difix.decode(latents, features if skips else [torch.zeros_like(feature) for feature in features])
+    return difix.decode(latents, features) if skips else decode_latent_only(difix, latents, features)
+
+
+def decode_latent_only(difix: Difix, latents: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+    """Decode `latents` with the skip features zeroed: what the latent alone carries."""
+    return difix.decode(latents, [torch.zeros_like(feature) for feature in features])
 
 
 def pretrain_autoencoder(
@@ -104,8 +109,7 @@ def pretrain_autoencoder(
         latents, features = difix.encode(batch)
         loss = F.mse_loss(difix.decode(latents, features), batch)
         if config.latent_only_weight > 0:
-            latent_only = difix.decode(latents, [torch.zeros_like(feature) for feature in features])
-            loss = loss + config.latent_only_weight * F.mse_loss(latent_only, batch)
+            loss = loss + config.latent_only_weight * F.mse_loss(decode_latent_only(difix, latents, features), batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
