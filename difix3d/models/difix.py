@@ -94,9 +94,15 @@ _TINY_VAE = {
 # on the CPU (scripts/train_embedded_difix.py); twice tiny's width everywhere, two UNet levels.
 _SMALL_UNET = {**_TINY_UNET, "block_out_channels": [64, 128]}
 _SMALL_VAE = {**_TINY_VAE, "block_out_channels": [32, 64, 64, 64]}
+# `small` with a 16-channel latent (as SD3's VAE has), 4x the information per latent pixel: the tiny
+# decoder reproduces images from a 4-channel latent at only ~19 dB, so its skips carry the picture and
+# what the UNet changes in the latent (a reference's content included) barely reaches the output.
+_SMALL_16CH_UNET = {**_SMALL_UNET, "in_channels": 16, "out_channels": 16}
+_SMALL_16CH_VAE = {**_SMALL_VAE, "latent_channels": 16}
 NAMED_ARCHITECTURES = {
     "sd-turbo": (_SD_TURBO_UNET, _SD_TURBO_VAE),
     "small": (_SMALL_UNET, _SMALL_VAE),
+    "small-16ch": (_SMALL_16CH_UNET, _SMALL_16CH_VAE),
     "tiny": (_TINY_UNET, _TINY_VAE),
 }
 
