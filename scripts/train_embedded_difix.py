@@ -54,6 +54,12 @@ class Settings:
     first embedded Difix's autoencoder, whose decoder bypassed its latent)."""
     autoencoder_unit_latent: bool = True
     """Give the latents unit standard deviation through the VAE's scaling factor (False: SD's 0.18215)."""
+    autoencoder_degraded_skip_weight: float = 0.0
+    """Weight of the autoencoder's term that decodes a clean image's latent with the skips of its
+    degraded render (the pairs stage's training pairs, from the autoencoder's training scenes): the
+    decoder learns to follow its latent where the skips are wrong. 0: clean images only."""
+    autoencoder_pairs: int = 2000
+    """At most this many training pairs (evenly spaced) for that term."""
     difix_steps: int = 10_000
     difix_lr: float = 2e-4
     """A from-scratch UNet needs far more than the release's 2e-5 (which fine-tunes SD-Turbo)."""
@@ -146,12 +152,32 @@ def scene_images(folders: list[Path]) -> torch.Tensor:
                         for path in files])  # fmt: skip
 
 
+def pair_images(settings: Settings, split: str, limit: int, exclude_scenes: set[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(degraded renders, their truths) of up to `limit` pairs of the dataset's `split`, evenly spaced,
+    each [M, 3, H, W] in [-1, 1]; None before the pairs stage has written the dataset."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    root = settings.work / "pairs"
+    if not (root / "dataset.json").is_file():
+        return None
+    pairs = [pair for pair in json.loads((root / "dataset.json").read_text())[split].values() if pair["scene"] not in exclude_scenes]
+    pairs = pairs[:: max(1, len(pairs) // limit)][:limit]
+
+    def load(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(iio.imread(root / name)[..., :3])).permute(2, 0, 1).float() / 127.5 - 1
+
+    return torch.stack([load(pair["image"]) for pair in pairs]), torch.stack([load(pair["target_image"]) for pair in pairs])
+
+
 def train_autoencoder(settings: Settings) -> Path:
     """Stage 3, on the clean views of every scene; the last `AUTOENCODER_HELD_OUT_SCENES` scenes are
-    held out for the PSNR check (the pairs are not needed: this can run while they are curated)."""
+    held out for the PSNR check (the pairs are not needed, unless `autoencoder_degraded_skip_weight`
+    asks for them: otherwise this can run while they are curated)."""
+    from difix3d.metrics import psnr
     from difix3d.models.checkpoint import WEIGHTS_FILE, save_pretrained
     from difix3d.models.difix import Difix
-    from difix3d.training.autoencoder import AutoencoderConfig, autoencoder_psnr, pretrain_autoencoder
+    from difix3d.training.autoencoder import AutoencoderConfig, autoencoder_psnr, degraded_skip_psnr, pretrain_autoencoder
 
     folder = settings.work / "autoencoder"
     if (folder / WEIGHTS_FILE).is_file():
@@ -160,21 +186,40 @@ def train_autoencoder(settings: Settings) -> Path:
     images = {"train": scene_images(folders[:-AUTOENCODER_HELD_OUT_SCENES]),
               "test": scene_images(folders[-AUTOENCODER_HELD_OUT_SCENES:])}  # fmt: skip
     log(f"autoencoder: {len(images['train'])} clean training images, {len(images['test'])} held out")
+    pairs = None
+    if settings.autoencoder_degraded_skip_weight > 0:
+        held_out_scenes = {folder.name for folder in folders[-AUTOENCODER_HELD_OUT_SCENES:]}
+        pairs = pair_images(settings, "train", settings.autoencoder_pairs, exclude_scenes=held_out_scenes)
+        if pairs is None:
+            raise SystemExit("--autoencoder-degraded-skip-weight needs the pairs stage's dataset: run the pairs stage first")
+        log(f"autoencoder: {len(pairs[0])} training pairs for the degraded-skip term")
     started = time.process_time()
     difix = Difix.from_config(settings.architecture)
     config = AutoencoderConfig(steps=settings.autoencoder_steps, learning_rate=settings.autoencoder_lr,
-                               latent_only_weight=settings.autoencoder_latent_only_weight, unit_latent=settings.autoencoder_unit_latent)  # fmt: skip
+                               latent_only_weight=settings.autoencoder_latent_only_weight, unit_latent=settings.autoencoder_unit_latent,
+                               degraded_skip_weight=settings.autoencoder_degraded_skip_weight)  # fmt: skip
     settings.work.mkdir(parents=True, exist_ok=True)
     pretrain_autoencoder(difix, images["train"], config, checkpoint=settings.work / "autoencoder_checkpoint.pt", checkpoint_every=50,
-                         on_log=lambda step, loss: log(f"autoencoder step {step}: L2 {loss:.5f}"))  # fmt: skip
+                         on_log=lambda step, loss: log(f"autoencoder step {step}: L2 {loss:.5f}"), pairs=pairs)  # fmt: skip
     held_out = autoencoder_psnr(difix, images["test"])
     latent_only = autoencoder_psnr(difix, images["test"], skips=False)
     log(f"autoencoder reproduces held-out images at {held_out:.2f} dB PSNR ({latent_only:.2f} dB from the latent alone)")
+    # The ceiling a perfect UNet would reach with this decoder: held-out pairs decoded from their
+    # truth's latent with their degraded render's skips, against the renders themselves.
+    ceiling = {}
+    test_pairs = pair_images(settings, "test", settings.eval_pairs)
+    if test_pairs is not None:
+        degraded, clean = test_pairs
+        ceiling = {"held_out_pairs": len(clean), "held_out_pair_input_psnr": round(float(psnr((degraded + 1) / 2, (clean + 1) / 2).mean()), 2),
+                   "held_out_degraded_skip_psnr": round(degraded_skip_psnr(difix, degraded, clean), 2)}  # fmt: skip
+        log(f"held-out pairs: inputs {ceiling['held_out_pair_input_psnr']:.2f} dB; truth's latent with the input's skips "
+            f"{ceiling['held_out_degraded_skip_psnr']:.2f} dB (a perfect UNet's ceiling)")
     save_pretrained(difix, folder)
     record(settings, "autoencoder", {
         "architecture": settings.architecture, "steps": settings.autoencoder_steps, "held_out_psnr": round(held_out, 2),
         "held_out_latent_only_psnr": round(latent_only, 2), "latent_only_weight": settings.autoencoder_latent_only_weight,
-        "unit_latent": settings.autoencoder_unit_latent,
+        "unit_latent": settings.autoencoder_unit_latent, "degraded_skip_weight": settings.autoencoder_degraded_skip_weight,
+        **ceiling,
         "scaling_factor": difix.config.vae["scaling_factor"],
         "train_images": len(images["train"]), "held_out_images": len(images["test"]),
         "cpu_seconds": round(time.process_time() - started, 1),

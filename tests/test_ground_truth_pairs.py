@@ -15,7 +15,15 @@ from difix3d.data.scenes import build_scene, load_ground_truth
 from difix3d.errors import Difix3DError
 from difix3d.models.checkpoint import load_difix, save_pretrained
 from difix3d.models.difix import Difix
-from difix3d.training.autoencoder import AutoencoderConfig, autoencoder_psnr, identity_start, pretrain_autoencoder, reconstruct
+from difix3d.training.autoencoder import (
+    AutoencoderConfig,
+    autoencoder_psnr,
+    decode_with_degraded_skips,
+    degraded_skip_psnr,
+    identity_start,
+    pretrain_autoencoder,
+    reconstruct,
+)
 
 TINY = GroundTruthPairsConfig(
     steps=12, snapshot_steps=(6, 12), num_extreme=2, progress_fractions=(0.5,), num_wide=1, seed_points=300, supersample=1
@@ -92,6 +100,27 @@ def test_autoencoder_pretraining_learns_to_reproduce_from_a_unit_scale_latent(sc
     # Back to Difix's training split: only the adapters of the VAE are trainable.
     trainable = {name for name, parameter in difix.vae.named_parameters() if parameter.requires_grad}
     assert trainable and all("lora_" in name or "skip_conv_" in name for name in trainable)
+
+
+def test_degraded_skip_term_decodes_the_clean_latent_with_the_broken_skips():
+    clean = torch.rand(3, 3, 32, 32) * 2 - 1
+    degraded = clean.clone()
+    degraded[..., 8:24, 8:24] = -1.0  # a hole, as in a broken render
+    config = AutoencoderConfig(steps=4, batch_size=2, crop=32, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="needs pairs"):
+        pretrain_autoencoder(Difix.from_config("tiny"), clean, AutoencoderConfig(degraded_skip_weight=1.0), progress=False)
+    plain = pretrain_autoencoder(Difix.from_config("tiny"), clean, config, progress=False)
+    with torch.no_grad():  # with unbroken skips it is the plain reproduction
+        assert torch.equal(decode_with_degraded_skips(plain, clean, clean), reconstruct(plain, clean))
+    # The term changes training (its effect on the ceiling, over thousands of steps, is measured by
+    # scripts/train_embedded_difix.py: held_out_degraded_skip_psnr).
+    torch.manual_seed(0)
+    taught = pretrain_autoencoder(Difix.from_config("tiny"), clean, AutoencoderConfig(**{**vars(config), "degraded_skip_weight": 1.0}),
+                                  progress=False, pairs=(degraded, clean))  # fmt: skip
+    torch.manual_seed(0)
+    untaught = pretrain_autoencoder(Difix.from_config("tiny"), clean, config, progress=False)
+    assert not torch.equal(taught.vae.decoder.conv_out.weight, untaught.vae.decoder.conv_out.weight)
+    assert np.isfinite(degraded_skip_psnr(taught, degraded, clean))
 
 
 def test_autoencoder_resumes_exactly_from_its_checkpoint(tmp_path, monkeypatch):

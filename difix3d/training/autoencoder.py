@@ -14,6 +14,12 @@ So the loss has a second L2 term on the reproduction decoded from the latent alo
 the latent is given unit standard deviation through the VAE's scaling factor, as SD's 0.18215 was
 chosen.
 
+That latent-only term is not enough: Difix decodes the UNet's latent with the skip features of the
+*broken* input, and a decoder trained only on matching latents and skips follows the skips where they
+disagree (measured: the truth's latent decoded with a broken render's skips scored 19.3 dB against
+an input of 18.6 dB, so a perfect UNet, and any reference it reads, could add under 1 dB). The
+optional degraded-skip term trains exactly that case on training pairs.
+
 `identity_start` then makes the whole Difix begin as that autoencoder, so fine-tuning learns
 corrections to its input instead of first learning to pass it through (a random UNet between a
 trained encoder and decoder turns every image into a grey haze that training has to undo).
@@ -47,6 +53,11 @@ class AutoencoderConfig:
     unit_latent: bool = True
     """At the end, set the VAE's scaling factor so that latents have unit standard deviation (False:
     keep SD's 0.18215, which leaves a from-scratch VAE's latents far from unit scale)."""
+    degraded_skip_weight: float = 0.0
+    """Weight of the L2 term on a clean image decoded from its own latent with the skip features of a
+    degraded version of it (a training pair's render; needs `pairs`). Difix decodes the UNet's latent
+    with the skips of the broken input: this teaches the decoder to follow the latent where the two
+    disagree, so that what the UNet fixes (from a reference too) reaches the output. 0: no such term."""
 
 
 def autoencoder_parameters(difix: Difix) -> list[torch.nn.Parameter]:
@@ -66,6 +77,23 @@ def decode_latent_only(difix: Difix, latents: torch.Tensor, features: list[torch
     return difix.decode(latents, [torch.zeros_like(feature) for feature in features])
 
 
+def decode_with_degraded_skips(difix: Difix, degraded: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """Decode the latent of `clean` with the skip features of `degraded` (both [N, 3, H, W] in [-1, 1]):
+    what Difix outputs if its UNet turned the degraded latent into the clean one exactly."""
+    latents, _ = difix.encode(clean)
+    _, features = difix.encode(degraded)
+    return difix.decode(latents, features)
+
+
+def random_crops(generator: torch.Generator, size: tuple[int, int], count: int, *stacks: torch.Tensor) -> list[torch.Tensor]:
+    """The same `count` random items and one random `size` crop of each of `stacks` [N, 3, H, W]."""
+    crop_h, crop_w = size
+    index = torch.randint(len(stacks[0]), (count,), generator=generator)
+    top = int(torch.randint(stacks[0].shape[-2] - crop_h + 1, (1,), generator=generator))
+    left = int(torch.randint(stacks[0].shape[-1] - crop_w + 1, (1,), generator=generator))
+    return [stack[index, :, top : top + crop_h, left : left + crop_w] for stack in stacks]
+
+
 def pretrain_autoencoder(
     difix: Difix,
     images: torch.Tensor,
@@ -74,12 +102,16 @@ def pretrain_autoencoder(
     progress: bool = True,
     checkpoint: Path | None = None,
     checkpoint_every: int = 200,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Difix:
     """Trains `difix`'s VAE on random crops of `images` [N, 3, H, W] in [-1, 1], in place; returns
     it frozen again the way Difix trains (encoder and decoder base fixed, adapters trainable).
+    `pairs` (degraded renders, their clean targets; each [M, 3, H, W]) feed the degraded-skip term.
 
     With `checkpoint` (a file), the run is saved there every `checkpoint_every` steps and continues
     from it when it exists, exactly as if it had not been interrupted."""
+    if config.degraded_skip_weight > 0 and pairs is None:
+        raise ValueError("degraded_skip_weight > 0 needs pairs (degraded renders and their clean targets)")
     parameters = autoencoder_parameters(difix)
     for parameter in parameters:
         parameter.requires_grad_(True)
@@ -102,14 +134,14 @@ def pretrain_autoencoder(
     difix.train()
     steps = range(first_step, config.steps)
     for step in tqdm(steps, desc="autoencoder", unit="step", disable=not progress, leave=False, initial=first_step, total=config.steps):
-        index = torch.randint(len(images), (config.batch_size,), generator=generator)
-        top = int(torch.randint(images.shape[-2] - crop_h + 1, (1,), generator=generator))
-        left = int(torch.randint(images.shape[-1] - crop_w + 1, (1,), generator=generator))
-        batch = images[index, :, top : top + crop_h, left : left + crop_w]
+        (batch,) = random_crops(generator, (crop_h, crop_w), config.batch_size, images)
         latents, features = difix.encode(batch)
         loss = F.mse_loss(difix.decode(latents, features), batch)
         if config.latent_only_weight > 0:
             loss = loss + config.latent_only_weight * F.mse_loss(decode_latent_only(difix, latents, features), batch)
+        if config.degraded_skip_weight > 0:
+            degraded, clean = random_crops(generator, (crop_h, crop_w), config.batch_size, *pairs)
+            loss = loss + config.degraded_skip_weight * F.mse_loss(decode_with_degraded_skips(difix, degraded, clean), clean)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -151,6 +183,17 @@ def autoencoder_psnr(difix: Difix, images: torch.Tensor, batch_size: int = 8, sk
         batch = images[start : start + batch_size]
         output = reconstruct(difix, batch, skips=skips).clamp(-1, 1)
         scores.append(psnr((output + 1) / 2, (batch + 1) / 2))
+    return float(torch.cat(scores).mean())
+
+
+@torch.no_grad()
+def degraded_skip_psnr(difix: Difix, degraded: torch.Tensor, clean: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean PSNR (dB) against `clean` of `decode_with_degraded_skips`: the best a Difix with this
+    autoencoder can do when its UNet is perfect (compare with the PSNR of `degraded` itself)."""
+    scores = []
+    for start in range(0, len(clean), batch_size):
+        output = decode_with_degraded_skips(difix, degraded[start : start + batch_size], clean[start : start + batch_size])
+        scores.append(psnr((output.clamp(-1, 1) + 1) / 2, (clean[start : start + batch_size] + 1) / 2))
     return float(torch.cat(scores).mean())
 
 
