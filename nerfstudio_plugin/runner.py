@@ -2,12 +2,16 @@
 demo, the quality benchmark and curation's nerfstudio reconstructor share.
 
 The tools are the ones installed next to the running Python. Child processes keep each run's memory
-(and nerfstudio's process-wide settings) out of the caller.
+(and nerfstudio's process-wide settings) out of the caller. `run_in_one_process` runs several of
+them in one child (`python -m nerfstudio_plugin.runner`), one after another, for callers that train
+and then render: a nerfstudio command spends about 13 s of CPU importing and starting before it
+does anything, most of a short run's cost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -71,13 +75,15 @@ def render_command(config: Path, split: str, outputs: Sequence[str], output_path
     return [str(part) for part in command]
 
 
-def run(command: Sequence[str], log_file: Path | None = None, env: Mapping[str, str] | None = None, echo: bool = False) -> float:
+def run(
+    command: Sequence[str], log_file: Path | None = None, env: Mapping[str, str] | None = None, echo: bool = False, name: str | None = None
+) -> float:
     """Run a nerfstudio tool to completion; returns its CPU seconds (user + system).
 
     Its output goes to `log_file` (None: this process's terminal); its input is closed (nerfstudio
     would otherwise wait for answers to its prompts). The environment is this one plus `env`, with
     the Hugging Face hub offline unless set otherwise. A failure raises `Difix3DError` naming the
-    tool, its exit status, the log and the log's last line.
+    tool (`name`, else the command's program), its exit status, the log and the log's last line.
     """
     command = [str(part) for part in command]
     if echo:
@@ -96,9 +102,37 @@ def run(command: Sequence[str], log_file: Path | None = None, env: Mapping[str, 
             raise
     returncode = os.waitstatus_to_exitcode(status)
     if returncode != 0:
-        tool = Path(command[0]).name
+        tool = name or Path(command[0]).name
         if log_file is None:
             raise Difix3DError(f"{tool} failed (exit {returncode}); its output is above")
         lines = log_file.read_text(errors="replace").strip().splitlines()
         raise Difix3DError(f"{tool} failed (exit {returncode}; log {log_file}): {lines[-1] if lines else ''}")
     return usage.ru_utime + usage.ru_stime
+
+
+def run_in_one_process(commands: Sequence[Sequence[str]], log_file: Path | None = None, env: Mapping[str, str] | None = None) -> float:
+    """`run` for several `train_command` / `render_command` lines, one after another in one child
+    process (a failure stops the rest); returns its CPU seconds."""
+    lines = [[str(part) for part in command] for command in commands]
+    unknown = sorted({Path(line[0]).name for line in lines} - set(_ENTRYPOINTS))
+    if unknown:
+        raise Difix3DError(f"run_in_one_process runs {' and '.join(_ENTRYPOINTS)} only, not {unknown[0]}")
+    name = " then ".join(Path(line[0]).name for line in lines)
+    return run([sys.executable, "-m", __name__, json.dumps(lines)], log_file=log_file, env=env, name=name)
+
+
+_ENTRYPOINTS = {"ns-train": "nerfstudio.scripts.train", "ns-render": "nerfstudio.scripts.render"}
+
+
+def _run_here(lines: list[list[str]]) -> None:
+    """The child of `run_in_one_process`: each tool's own entry point, with its command line in sys.argv."""
+    import importlib
+
+    for line in lines:
+        tool = Path(line[0]).name
+        sys.argv = [tool, *line[1:]]
+        importlib.import_module(_ENTRYPOINTS[tool]).entrypoint()
+
+
+if __name__ == "__main__":
+    _run_here(json.loads(sys.argv[1]))

@@ -58,7 +58,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import imageio.v3 as iio
 import numpy as np
@@ -154,13 +154,6 @@ class BenchQuality:
 
 def log(message: str) -> None:
     print(f"[bench_quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def run(bench: BenchQuality, command: list[str], log_file: Path) -> None:
-    """Run a nerfstudio tool (output into `log_file`), offline and with the benchmark's threads;
-    its CPU time counts as this thread's."""
-    env = {"HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(bench.threads)} if bench.threads else {})}
-    add_children_cpu(nerfstudio_runner.run(command, log_file=log_file, env=env))
 
 
 def write_json(path: Path, content) -> None:
@@ -368,21 +361,27 @@ def build_scenes(bench: BenchQuality, book: StageBook, kind: str, seeds) -> list
     return scenes
 
 
-def ns_train(bench: BenchQuality, scene: Path, run_root: Path, seed: int, *extra: str | Path) -> Path:
-    """A fresh `ns-train difix3d-gs` run of `bench.steps` steps with training seed `seed`; returns
-    its config.yml. It keeps its checkpoint of step fix_start - 1 (the last step before the first fix
-    round), where a plain and a Difix3D run of one seed must still be identical."""
+def train_and_render(bench: BenchQuality, scene: Path, run_root: Path, seed: int, extra: Sequence[str | Path], split: str,
+                     names: list[str], renders: Path) -> Path:  # fmt: skip
+    """A fresh `ns-train difix3d-gs` run of `bench.steps` steps with training seed `seed`, then
+    `ns-render` of the `names` outputs of `split` into `renders`, in one child process (each
+    nerfstudio start costs about 13 s of CPU); returns the run's config.yml. The run keeps its
+    checkpoint of step fix_start - 1 (the last step before the first fix round), where a plain and a
+    Difix3D run of one seed must still be identical, and its last one."""
     shutil.rmtree(run_root, ignore_errors=True)
-    command = nerfstudio_runner.train_command(
+    train = nerfstudio_runner.train_command(
         scene, run_root, "bench", bench.steps, *extra, device="cpu", seed=seed, save_every=bench.fix_start - 1, keep_checkpoints=True
     )
-    run(bench, command, log_file=run_root / "ns-train.log")
+    config = run_base(run_root) / "config.yml"
+    render = nerfstudio_runner.render_command(config, split, names, renders)
+    env = {"HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(bench.threads)} if bench.threads else {})}
+    add_children_cpu(nerfstudio_runner.run_in_one_process([train, render], log_file=run_root / "ns-train-and-render.log", env=env))
     checkpoints = run_base(run_root) / "nerfstudio_models"
     keep = {checkpoint_path(run_root, bench.fix_start - 1), max(checkpoints.glob("step-*.ckpt"))}
     for checkpoint in checkpoints.glob("step-*.ckpt"):
         if checkpoint not in keep:
-            checkpoint.unlink()  # only the last one is rendered
-    return run_base(run_root) / "config.yml"
+            checkpoint.unlink()  # only the last one was rendered
+    return config
 
 
 def run_base(run_root: Path) -> Path:
@@ -408,10 +407,6 @@ def same_checkpoints(first: Path, second: Path) -> bool:
     return a.keys() == b.keys() and all(a[key].shape == b[key].shape and torch.equal(a[key], b[key]) for key in a)
 
 
-def ns_render(bench: BenchQuality, config: Path, split: str, names: list[str], output: Path) -> None:
-    run(bench, nerfstudio_runner.render_command(config, split, names, output), log_file=output.parent / f"ns-render-{split}.log")
-
-
 @dataclass
 class SceneRuns:
     """Where one evaluation scene's stages are, and their records."""
@@ -435,8 +430,7 @@ def plain_runs(bench: BenchQuality, book: StageBook, scene: Path, scene_record: 
 
         def make_plain(folder=folder, seed=seed):
             log(f"{scene.name}: plain 3DGS, training seed {seed}, {bench.steps} steps")
-            config = ns_train(bench, scene, folder / "run", seed, "--pipeline.difix.enabled", "False")
-            ns_render(bench, config, "train+test", ["rgb"], folder / "renders")
+            train_and_render(bench, scene, folder / "run", seed, ["--pipeline.difix.enabled", "False"], "train+test", ["rgb"], folder / "renders")
 
         settings = {"train_seed": seed, "steps": bench.steps, "checkpoint_step": bench.fix_start - 1}
         runs.records.append(book.ensure(folder, settings, make_plain, (scene_record,)))
@@ -453,17 +447,15 @@ def evaluate_scene(bench: BenchQuality, book: StageBook, scene: Path, scene_reco
 
     def make_difix3d():
         log(f"{scene.name}: Difix3D, training seed {seed}, {bench.steps} steps")
-        config = ns_train(
-            bench, scene, runs.difix3d / "run", seed, "--pipeline.difix.model", difix_spec,
-            "--pipeline.progressive.fix-start", bench.fix_start, "--pipeline.progressive.steps-per-fix", bench.steps_per_fix,
-            "--pipeline.progressive.pose-step", bench.pose_step, "--pipeline.progressive.pseudo-view-prob", bench.pseudo_view_prob,
-        )  # fmt: skip
+        method = ["--pipeline.difix.model", difix_spec,
+                  "--pipeline.progressive.fix-start", bench.fix_start, "--pipeline.progressive.steps-per-fix", bench.steps_per_fix,
+                  "--pipeline.progressive.pose-step", bench.pose_step, "--pipeline.progressive.pseudo-view-prob", bench.pseudo_view_prob]  # fmt: skip
+        train_and_render(bench, scene, runs.difix3d / "run", seed, method, "test", ["rgb", "rgb_enhanced"], runs.difix3d / "renders")
         step = bench.fix_start - 1
         identical = same_checkpoints(checkpoint_path(plain / "run", step), checkpoint_path(runs.difix3d / "run", step))
         if not identical:
             log(f"{scene.name}: WARNING: Difix3D and plain 3DGS differ at step {step}, before the first fix round")
         write_json(runs.difix3d / "pairing.json", {"identical_to_plain_3dgs_at_step": step, "identical": identical})
-        ns_render(bench, config, "test", ["rgb", "rgb_enhanced"], runs.difix3d / "renders")
 
     settings = {
         "difix": difix_id, "train_seed": seed, "steps": bench.steps, "fix_start": bench.fix_start,
