@@ -46,6 +46,14 @@ class Difix3DGSModelConfig(SplatfactoModelConfig):
     """Add `rgb_enhanced` (Difix on the render) to renders outside training (ns-render, ns-eval, viewer)."""
 
 
+def psnr_over_all_values(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB, values in [0, 1]) over every value of two same-shaped tensors, as Splatfacto's
+    torchmetrics `PeakSignalNoiseRatio(data_range=1.0)` computes it (on [H, W, 3] in training, [1, 3, H, W]
+    in evaluation). Not torchmetrics itself: importing it pulls in transformers, about 4 s of CPU at
+    every ns-train, ns-render and ns-eval start."""
+    return 10.0 * torch.log10(1.0 / (prediction.float() - target.float()).square().mean())
+
+
 class Difix3DGSModel(EnhancedRenders, SplatfactoModel):
     config: Difix3DGSModelConfig
 
@@ -79,10 +87,7 @@ class Difix3DGSModel(EnhancedRenders, SplatfactoModel):
         self.gauss_params = torch.nn.ParameterDict({name: torch.nn.Parameter(value) for name, value in gaussians.items()})
         self.camera_optimizer = config.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
 
-        # Imported here, as nerfstudio does: at import time torchmetrics would add 2-3 s to every ns-* start.
-        from torchmetrics.image import PeakSignalNoiseRatio
-
-        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.psnr = psnr_over_all_values
         self.ssim = SSIM(data_range=1.0, size_average=True, channel=3)
         # A plain attribute, not a submodule: its weights stay out of the 3DGS checkpoints.
         self.lpips = LPIPSMetric("alex")
