@@ -142,32 +142,29 @@ def curate_pairs(settings: Settings) -> None:
         log(f"dataset: {result.num_train} train / {result.num_test} test pairs")
 
 
-def scene_images(folders: list[Path]) -> torch.Tensor:
-    """Every view of the given scene folders, [N, 3, H, W] in [-1, 1]."""
+def image_tensor(path: Path) -> torch.Tensor:
+    """An 8-bit RGB(A) image file as [3, H, W] in [-1, 1]."""
     import imageio.v3 as iio
     import numpy as np
 
+    return torch.from_numpy(np.ascontiguousarray(iio.imread(path)[..., :3])).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def scene_images(folders: list[Path]) -> torch.Tensor:
+    """Every view of the given scene folders, [N, 3, H, W] in [-1, 1]."""
     files = sorted(path for folder in folders for path in (folder / "images").glob("*.png"))
-    return torch.stack([torch.from_numpy(np.ascontiguousarray(iio.imread(path)[..., :3])).permute(2, 0, 1).float() / 127.5 - 1
-                        for path in files])  # fmt: skip
+    return torch.stack([image_tensor(path) for path in files])
 
 
 def pair_images(settings: Settings, split: str, limit: int, exclude_scenes: set[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(degraded renders, their truths) of up to `limit` pairs of the dataset's `split`, evenly spaced,
     each [M, 3, H, W] in [-1, 1]; None before the pairs stage has written the dataset."""
-    import imageio.v3 as iio
-    import numpy as np
-
     root = settings.work / "pairs"
     if not (root / "dataset.json").is_file():
         return None
     pairs = [pair for pair in json.loads((root / "dataset.json").read_text())[split].values() if pair["scene"] not in exclude_scenes]
     pairs = pairs[:: max(1, len(pairs) // limit)][:limit]
-
-    def load(name: str) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(iio.imread(root / name)[..., :3])).permute(2, 0, 1).float() / 127.5 - 1
-
-    return torch.stack([load(pair["image"]) for pair in pairs]), torch.stack([load(pair["target_image"]) for pair in pairs])
+    return torch.stack([image_tensor(root / pair["image"]) for pair in pairs]), torch.stack([image_tensor(root / pair["target_image"]) for pair in pairs])
 
 
 def train_autoencoder(settings: Settings) -> Path:
