@@ -18,6 +18,7 @@ from difix3d.models.difix import Difix
 from difix3d.training.autoencoder import (
     AutoencoderConfig,
     autoencoder_psnr,
+    cosine_learning_rate,
     decode_with_degraded_skips,
     degraded_skip_psnr,
     identity_start,
@@ -158,6 +159,10 @@ def test_identity_start_makes_difix_reproduce_its_autoencoder():
         assert torch.allclose(difix(images[:, None]), expected, atol=1e-5)
         with_reference = torch.stack([images, images.flip(0)], dim=1)
         assert torch.allclose(difix(with_reference), expected, atol=1e-5)
+        # What it decodes is the latent-loss target of its own input (the gain folded into the decoder).
+        _, latent = difix(images[:, None], return_latent=True)
+        assert difix.config.latent_gain == pytest.approx(difix.x0_scale)
+        assert torch.allclose(latent, difix.target_latent(images), atol=1e-5)
 
 
 def test_autoencoder_resumed_with_more_steps_stretches_its_schedule(tmp_path):
@@ -165,7 +170,12 @@ def test_autoencoder_resumed_with_more_steps_stretches_its_schedule(tmp_path):
     checkpoint = tmp_path / "autoencoder.pt"
     short = AutoencoderConfig(steps=3, batch_size=2, crop=24, learning_rate=1e-3)
     pretrain_autoencoder(Difix.from_config("tiny"), images, short, progress=False, checkpoint=checkpoint, checkpoint_every=3)
+    finished = torch.load(checkpoint, weights_only=True)
     longer = AutoencoderConfig(**{**vars(short), "steps": 6})
     pretrain_autoencoder(Difix.from_config("tiny"), images, longer, progress=False, checkpoint=checkpoint, checkpoint_every=3)
     state = torch.load(checkpoint, weights_only=True)
-    assert state["step"] == 6 and state["schedule"]["T_max"] == 6
+    assert state["step"] == 6
+    # The finished 3-step run had decayed to 0; the longer run goes on learning (a recursive cosine stayed at 0).
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cosine_learning_rate(1e-3, 5, 6))
+    assert cosine_learning_rate(1e-3, 3, 6) == pytest.approx(5e-4)
+    assert any(not torch.equal(finished["vae"][key], value) for key, value in state["vae"].items())

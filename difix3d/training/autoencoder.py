@@ -27,6 +27,7 @@ trained encoder and decoder turns every image into a grey haze that training has
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,17 +117,12 @@ def pretrain_autoencoder(
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     generator = torch.Generator().manual_seed(config.seed)
     first_step = 0
     if checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         difix.vae.load_state_dict(state["vae"])
         optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        # A resumed run may be given another step count: the cosine schedule then ends at the new
-        # last step (its closed form continues smoothly from the saved learning rate).
-        schedule.T_max = config.steps
         generator.set_state(state["generator"])
         first_step = int(state["step"])
     crop_h = min(config.crop, images.shape[-2]) // 8 * 8
@@ -144,13 +140,14 @@ def pretrain_autoencoder(
             loss = loss + config.degraded_skip_weight * F.mse_loss(decode_with_degraded_skips(difix, degraded, clean), clean)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_learning_rate(config.learning_rate, step, config.steps)
         optimizer.step()
-        schedule.step()
         if on_log is not None and (step % 100 == 0 or step == config.steps - 1):
             on_log(step, loss.item())
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == config.steps):
-            state = {"vae": difix.vae.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                     "generator": generator.get_state(), "step": step + 1}  # fmt: skip
+            state = {"vae": difix.vae.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                     "step": step + 1}  # fmt: skip
             temporary = Path(checkpoint).with_name(f".{Path(checkpoint).name}.tmp")
             torch.save(state, temporary)
             os.replace(temporary, checkpoint)
@@ -160,6 +157,13 @@ def pretrain_autoencoder(
     if config.unit_latent:
         normalize_latent_scale(difix, images[:: max(1, len(images) // 64)])
     return difix
+
+
+def cosine_learning_rate(base: float, step: int, steps: int) -> float:
+    """Cosine decay from `base` at step 0 to 0 at `steps`, in closed form: a run resumed with more
+    steps continues on the longer curve. (torch's CosineAnnealingLR updates the current rate
+    recursively, so a run that had reached its last step stays at 0 whatever its new length.)"""
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
 
 
 @torch.no_grad()
@@ -209,4 +213,5 @@ def identity_start(difix: Difix) -> Difix:
         difix.unet.conv_out.bias.zero_()
     first = difix.vae.post_quant_conv if difix.vae.post_quant_conv is not None else difix.vae.decoder.conv_in
     first.weight.mul_(1.0 / difix.x0_scale)
+    difix.config.latent_gain *= difix.x0_scale
     return difix
