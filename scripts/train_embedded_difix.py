@@ -71,6 +71,8 @@ class Settings:
     lambda_gram: float = 0.5
     """The paper's L = L2 + LPIPS + 0.5 Gram."""
     gram_warmup_steps: int = 2000
+    lambda_latent: float = 0.0
+    """Weight of the L2 between the UNet's latent and the target's (`difix3d train --lambda-latent`)."""
     near_identity_repeats: int = 1
     """How many times each training-pose pair (a nearly clean render and its own training image) is
     listed in the training split: Difix3D+ needs Difix to leave clean renders alone."""
@@ -247,7 +249,7 @@ def train_difix(settings: Settings, dataset: Path, start: Path) -> None:
         TrainConfig(
             dataset=dataset, output=folder, model=str(start), steps=settings.difix_steps, crop_size=settings.crop,
             learning_rate=settings.difix_lr, unet_learning_rate=settings.difix_unet_lr, lambda_lpips=settings.lambda_lpips, lambda_gram=settings.lambda_gram,
-            gram_warmup_steps=settings.gram_warmup_steps, eval_every=1000, checkpoint_every=250, eval_max_pairs=settings.eval_pairs,
+            gram_warmup_steps=settings.gram_warmup_steps, lambda_latent=settings.lambda_latent, eval_every=1000, checkpoint_every=250, eval_max_pairs=settings.eval_pairs,
             resume=(folder / "checkpoints").is_dir(),
         )
     )  # fmt: skip

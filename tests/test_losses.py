@@ -126,3 +126,15 @@ def test_default_loss_uses_the_imagenet_vgg16():
     features = imagenet_weights.load_imagenet_features("vgg")
     assert torch.equal(loss.vgg.net.slice1[0].weight, features["0.weight"])
     assert torch.equal(getattr(loss.vgg.net.slice5, "28").weight, features["28.weight"])
+
+
+def test_latent_term_is_added_when_weighted_and_needs_the_latents():
+    loss = DifixLoss(lambda_l2=1.0, lambda_lpips=0.0, lambda_gram=0.0, lambda_latent=0.25)
+    prediction, target = _images(seed=2) * 2 - 1, _images(seed=3) * 2 - 1
+    predicted_latent, target_latent = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    terms = loss(prediction, target, step=0, predicted_latent=predicted_latent, target_latent=target_latent)
+    assert terms.latent == pytest.approx(torch.nn.functional.mse_loss(predicted_latent, target_latent).item())
+    assert terms.total == pytest.approx((terms.l2 + 0.25 * terms.latent).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="needs predicted_latent"):
+        loss(prediction, target, step=0)
+    assert DifixLoss(lambda_lpips=0.0, lambda_gram=0.0)(prediction, target, step=0).latent == 0

@@ -193,3 +193,10 @@ def test_unreadable_image_fails_before_training(dataset, tmp_path, damage):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.startswith(f"difix3d: error: cannot read image {broken}") and result.stderr.count("\n") == 1
     assert not output.exists()
+
+
+def test_latent_loss_term_trains_and_is_on_the_model_card(dataset, tmp_path):
+    torch.set_num_threads(1)
+    result = train(_config(dataset, tmp_path, steps=2, eval_every=0, checkpoint_every=2, lambda_latent=0.5, lambda_lpips=0, lambda_gram=0))
+    assert result.final_step == 2
+    assert "0.5·L2 of the UNet's latent" in (tmp_path / "README.md").read_text()

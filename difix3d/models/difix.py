@@ -130,6 +130,10 @@ class DifixConfig:
     # False (nvidia/difix): given references, the target is fixed alone, as if each view were
     # processed independently -- what the reference release's plain UNet does.
     reference_views: bool = True
+    # What the decoder's input is, in units of encoder latents: 1, or the one-step x0 scale once
+    # `difix3d.training.autoencoder.identity_start` folded its inverse into the decoder. The latent
+    # a training target should give (`Difix.target_latent`) is its encoder latent times this.
+    latent_gain: float = 1.0
 
     @classmethod
     def named(cls, name: str) -> DifixConfig:
@@ -352,9 +356,16 @@ class Difix(nn.Module):
             return checkpoint(block, hidden, use_reentrant=False)
         return block(hidden)
 
-    def forward(self, views: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def target_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [N,3,H,W] in [-1,1] -> the latent the UNet should output for them to be decoded
+        (their encoder latent times `config.latent_gain`): the target of a latent-space loss."""
+        return self.encode(images)[0] * self.config.latent_gain
+
+    def forward(self, views: torch.Tensor, return_latent: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Views [B,V,3,H,W] in [-1,1] (view 0 the target, then references; H, W multiples of 8)
         -> the fixed target [B,3,H,W], clamped to [-1,1]. Differentiable (for training).
+        `return_latent`: also return the UNet's output for the target, [B,C,h,w] (what is decoded).
 
         A model trained without references (`config.reference_views` False) fixes the target alone:
         its references are dropped (logged once), which gives what processing every view
@@ -379,7 +390,8 @@ class Difix(nn.Module):
         del skips
         clean = self.denoise(latents, num_views)
         target = clean.unflatten(0, (batch, num_views))[:, 0]
-        return self.decode(target, target_skips).clamp(-1.0, 1.0)
+        image = self.decode(target, target_skips).clamp(-1.0, 1.0)
+        return (image, target) if return_latent else image
 
     # ----------------------------------------------------------------------------- inference
 

@@ -95,6 +95,9 @@ class TrainConfig:
     """Gram (style) loss weight (the paper's formula uses 0.5, the release 1.0)."""
     gram_warmup_steps: int = 2000
     """The Gram loss is switched on after this many steps."""
+    lambda_latent: float = 0.0
+    """L2 between the UNet's predicted latent and the target image's latent (not in the paper; for
+    small from-scratch Difixes whose decoder follows the input's skips, see difix3d.training.losses)."""
     perceptual_backbone: Literal["pretrained", "random"] = "pretrained"
     """VGG-16 for LPIPS and Gram: ImageNet weights (required unless "random", for tests only)."""
     vgg16_weights: Path | None = None
@@ -352,6 +355,7 @@ class DifixTrainer:
             gram_warmup_steps=config.gram_warmup_steps,
             perceptual_backbone=config.perceptual_backbone,
             vgg16_weights=config.vgg16_weights,
+            lambda_latent=config.lambda_latent,
         ).to(self.device)
 
         from difix3d.models.checkpoint import load_difix
@@ -414,9 +418,14 @@ class DifixTrainer:
         views = batch["views"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         self.model.train()
-        prediction = self.model(views)
+        latents = {}
+        if self.config.lambda_latent > 0:
+            prediction, latents["predicted_latent"] = self.model(views, return_latent=True)
+            latents["target_latent"] = self.accelerator.unwrap_model(self.model).target_latent(target)
+        else:
+            prediction = self.model(views)
         with self.accelerator.autocast():
-            terms = self.loss_fn(prediction, target, step=self.step)
+            terms = self.loss_fn(prediction, target, step=self.step, **latents)
         self.accelerator.backward(terms.total)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
@@ -658,7 +667,7 @@ pairs per step ({config.batch_size} per process)
 - **Precision**: {"fp32" if self.accelerator.mixed_precision == "no" else self.accelerator.mixed_precision + " mixed precision"}; gradient checkpointing {"on" if config.gradient_checkpointing else "off"}
 - **Trained**: UNet (all weights), VAE decoder LoRA and skip convs; VAE encoder frozen
 - **Loss**: {config.lambda_l2:g}·L2 + {config.lambda_lpips:g}·LPIPS(VGG) + {config.lambda_gram:g}·Gram \
-(VGG-16 relu1_2…relu5_3, layer weights {layer_weights}; on after {config.gram_warmup_steps} steps)
+(VGG-16 relu1_2…relu5_3, layer weights {layer_weights}; on after {config.gram_warmup_steps} steps){f" + {config.lambda_latent:g}·L2 of the UNet's latent to the target's" if config.lambda_latent > 0 else ""}
 - **Perceptual backbone**: {backbone}
 - **Evaluation**: {metrics}
 - **Final training loss**: {f"{result.losses[-1]:.4f}" if result.losses else "n/a"}
@@ -724,7 +733,7 @@ def _check_config(config: TrainConfig) -> None:
         raise Difix3DError(f"--learning-rate must be positive, got {config.learning_rate}")
     if config.unet_learning_rate is not None and config.unet_learning_rate <= 0:
         raise Difix3DError(f"--unet-learning-rate must be positive, got {config.unet_learning_rate}")
-    if min(config.lambda_l2, config.lambda_lpips, config.lambda_gram) < 0:
+    if min(config.lambda_l2, config.lambda_lpips, config.lambda_gram, config.lambda_latent) < 0:
         raise Difix3DError("loss weights (--lambda-*) must not be negative")
 
 

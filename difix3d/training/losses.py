@@ -63,14 +63,20 @@ class LossTerms:
     l2: torch.Tensor
     lpips: torch.Tensor
     gram: torch.Tensor
+    latent: torch.Tensor
 
 
 class DifixLoss(nn.Module):
-    """`lambda_l2 * L2 + lambda_lpips * LPIPS + lambda_gram * Gram`, on images in [-1, 1].
+    """`lambda_l2 * L2 + lambda_lpips * LPIPS + lambda_gram * Gram (+ lambda_latent * latent L2)`, on images in [-1, 1].
 
     The Gram term is switched on from step `gram_warmup_steps` on (the reference release: 2,000;
     its weights 1/1/1; the paper's formula uses 0.5 for Gram). L2 is the mean squared error in the
     network's [-1, 1] range.
+
+    `lambda_latent` (not in the paper, default 0) adds the L2 between the UNet's predicted latent and
+    the target's: a small decoder trained from scratch takes much of its output from the degraded
+    input's skip features, so the image losses reach the UNet (and any reference it attends to)
+    only faintly; the latent term tells it directly what to output.
     """
 
     def __init__(
@@ -81,9 +87,11 @@ class DifixLoss(nn.Module):
         gram_warmup_steps: int = 2000,
         perceptual_backbone: PerceptualBackbone = "pretrained",
         vgg16_weights: str | Path | None = None,
+        lambda_latent: float = 0.0,
     ):
         super().__init__()
         self.lambda_l2, self.lambda_lpips, self.lambda_gram = lambda_l2, lambda_lpips, lambda_gram
+        self.lambda_latent = lambda_latent
         self.gram_warmup_steps = gram_warmup_steps
         self.perceptual_backbone = perceptual_backbone
         self.uses_perceptual = lambda_lpips > 0 or lambda_gram > 0
@@ -127,9 +135,23 @@ class DifixLoss(nn.Module):
             total = total + linear(difference).float().mean()
         return total
 
-    def forward(self, prediction: torch.Tensor, target: torch.Tensor, step: int) -> LossTerms:
-        """Loss of [B, 3, H, W] predictions against targets, both in [-1, 1], at training `step`."""
+    def forward(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        step: int,
+        predicted_latent: torch.Tensor | None = None,
+        target_latent: torch.Tensor | None = None,
+    ) -> LossTerms:
+        """Loss of [B, 3, H, W] predictions against targets, both in [-1, 1], at training `step`;
+        the latents are needed when `lambda_latent` > 0 (`Difix.forward(..., return_latent=True)`
+        and `Difix.target_latent`)."""
         zero = prediction.new_zeros((), dtype=torch.float32)
+        latent_value = zero
+        if self.lambda_latent > 0:
+            if predicted_latent is None or target_latent is None:
+                raise ValueError("lambda_latent > 0 needs predicted_latent and target_latent")
+            latent_value = F.mse_loss(predicted_latent.float(), target_latent.float())
         l2 = F.mse_loss(prediction.float(), target.float())
         lpips_value, gram_value = zero, zero
         gram_active = self.lambda_gram > 0 and step >= self.gram_warmup_steps
@@ -144,4 +166,8 @@ class DifixLoss(nn.Module):
         total = self.lambda_l2 * l2 + self.lambda_lpips * lpips_value
         if gram_active:
             total = total + self.lambda_gram * gram_value
-        return LossTerms(total=total, l2=l2.detach(), lpips=lpips_value.detach(), gram=gram_value.detach())
+        if self.lambda_latent > 0:
+            total = total + self.lambda_latent * latent_value
+        return LossTerms(
+            total=total, l2=l2.detach(), lpips=lpips_value.detach(), gram=gram_value.detach(), latent=latent_value.detach()
+        )
