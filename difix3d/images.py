@@ -193,3 +193,17 @@ def to_ref_batch(refs: Any, batch: torch.Tensor) -> torch.Tensor:
         flat = F.interpolate(tensor.flatten(0, 1), size=batch.shape[-2:], mode="bilinear", antialias=True)
         tensor = flat.unflatten(0, tensor.shape[:2]).clamp(0, 1)
     return tensor
+
+
+def column_labels(width: int, labels: tuple[str, ...], height: int = 18) -> np.ndarray:
+    """A white band with `labels` centred over equal-width columns, as uint8 RGB [height, width, 3]
+    (to stack above an image grid)."""
+    from PIL import ImageDraw
+
+    band = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(band)
+    column = width / len(labels)
+    for index, label in enumerate(labels):
+        left, top, right, bottom = draw.textbbox((0, 0), label)
+        draw.text((index * column + (column - (right - left)) / 2, (height - (bottom - top)) / 2 - top), label, fill="black")
+    return np.asarray(band)

@@ -59,6 +59,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import imageio.v3 as iio
 import numpy as np
@@ -115,6 +116,9 @@ class BenchQuality:
     """Reuse finished stages made by other code (another commit, uncommitted changes) instead of refusing."""
     width: int = 160
     height: int = 120
+    scene_content: Literal["shapes", "materials"] = "shapes"
+    """What the evaluation scenes' surfaces show (`difix3d.data.scenes.SCENE_CONTENTS`): "shapes" or
+    "materials"; choose the content the Difix was trained on."""
     steps: int = 1000
     """3DGS steps of every evaluation run (plain and Difix3D alike)."""
     fix_start: int = 400
@@ -355,9 +359,13 @@ def build_scenes(bench: BenchQuality, book: StageBook, kind: str, seeds) -> list
 
         def make(folder=folder, seed=seed):
             log(f"building scene {folder.name}")
-            build_scene(folder, seed=seed, width=bench.width, height=bench.height, overwrite=True, log=lambda m: None)
+            build_scene(folder, seed=seed, width=bench.width, height=bench.height, overwrite=True, log=lambda m: None,
+                        content=bench.scene_content)  # fmt: skip
 
-        scenes.append((folder, book.ensure(folder, {"seed": seed, "width": bench.width, "height": bench.height}, make)))
+        key = {"seed": seed, "width": bench.width, "height": bench.height}
+        if bench.scene_content != "shapes":  # the key of scenes built before there was a choice stays valid
+            key["content"] = bench.scene_content
+        scenes.append((folder, book.ensure(folder, key, make)))
     return scenes
 
 
@@ -701,7 +709,9 @@ def markdown(bench: BenchQuality, report: dict, results: list[dict]) -> str:
         "",
         f"Difix: {report['difix']['description']} (id `{report['difix']['id']}`).",
         "",
-        f"{len(results)} evaluation scenes (seeds {', '.join(map(str, bench.eval_seeds))}), {bench.width}x{bench.height}, "
+        f"{len(results)} evaluation scenes (seeds {', '.join(map(str, bench.eval_seeds))}"
+        + ("" if bench.scene_content == "shapes" else f", content {bench.scene_content}")
+        + f"), {bench.width}x{bench.height}, "
         f"{bench.steps} 3DGS steps per run. Plain 3DGS and Difix3D train with the same seed and are the same run up to "
         f"Difix3D's first fix round at step {bench.fix_start} ("
         + ("checked bit for bit in every scene" if summary["paired_runs_identical_before_first_round"] else "**NOT identical in every scene: see quality.json**")

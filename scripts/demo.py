@@ -24,6 +24,7 @@ import numpy as np
 import tyro
 
 from difix3d.errors import Difix3DError
+from difix3d.images import column_labels
 from difix3d.imagenet_weights import missing_weights_message
 from difix3d.models.ids import EMBEDDED_DIFIX
 from nerfstudio_plugin import runner as nerfstudio_runner
@@ -88,24 +89,11 @@ def comparison_grid(demo: Demo, scene: Path) -> Path:
         rows.append(np.concatenate([iio.imread(path)[..., :3] for path in columns], axis=1))
     grid = np.concatenate(rows, axis=0)
     path = demo.output / "comparison.png"
-    iio.imwrite(path, np.concatenate([_column_labels(grid.shape[1], COMPARISON_COLUMNS), grid], axis=0))
+    iio.imwrite(path, np.concatenate([column_labels(grid.shape[1], COMPARISON_COLUMNS), grid], axis=0))
     return path
 
 
 COMPARISON_COLUMNS = ("GT", "3DGS", "Difix3D", "Difix3D+")
-
-
-def _column_labels(width: int, labels: tuple[str, ...], height: int = 18) -> np.ndarray:
-    """A white band with `labels` centred over equal-width columns, as uint8 RGB [height, width, 3]."""
-    from PIL import Image, ImageDraw
-
-    band = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(band)
-    column = width / len(labels)
-    for index, label in enumerate(labels):
-        left, top, right, bottom = draw.textbbox((0, 0), label)
-        draw.text((index * column + (column - (right - left)) / 2, (height - (bottom - top)) / 2 - top), label, fill="black")
-    return np.asarray(band)
 
 
 def print_row(label: str, psnr: float, ssim: float, lpips: float | None) -> None:

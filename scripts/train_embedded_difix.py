@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
@@ -45,6 +46,8 @@ class Settings:
     """Stages to run (each skips what is already on disk)."""
     width: int = 160
     height: int = 120
+    scene_content: Literal["shapes", "materials"] = "shapes"
+    """What the scenes' surfaces show (`difix3d.data.scenes.SCENE_CONTENTS`): "shapes" or "materials"."""
     steps_3dgs: int = 1000
     architecture: str = "small"
     autoencoder_steps: int = 3000
@@ -116,14 +119,18 @@ def scene_dirs(settings: Settings) -> list[Path]:
 
 
 def build_scenes(settings: Settings) -> None:
-    from difix3d.data.scenes import GROUND_TRUTH_FILE, build_scene
+    from difix3d.data.scenes import GROUND_TRUTH_FILE, build_scene, load_ground_truth
 
     started = time.process_time()
     for folder in tqdm(scene_dirs(settings), desc="scenes", unit="scene"):
-        if not (folder / GROUND_TRUTH_FILE).is_file():
+        if (folder / GROUND_TRUTH_FILE).is_file():
+            content = load_ground_truth(folder).layout.content
+            if content != settings.scene_content:
+                raise SystemExit(f"{folder} holds a {content!r} scene, not {settings.scene_content!r}: choose another --work")
+        else:
             seed = int(folder.name.split("_")[1])
             build_scene(folder, seed=seed, width=settings.width, height=settings.height, overwrite=True,
-                        log=lambda message: None, sfm=False)  # fmt: skip
+                        log=lambda message: None, sfm=False, content=settings.scene_content)  # fmt: skip
     record(settings, f"scenes{_shard_suffix(settings)}", {}, add_cpu_seconds=time.process_time() - started)
 
 

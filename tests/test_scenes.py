@@ -8,6 +8,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 
 from difix3d.cli import main
 from difix3d.data import scenes, sfm
@@ -250,3 +251,66 @@ def test_scene_folder_has_the_usual_permissions(tiny_scene):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(tiny_scene.stat().st_mode) == 0o777 & ~umask
+
+
+# ------------------------------------------------------------------------------------ the materials content
+
+
+def test_materials_content_changes_the_surfaces_not_the_geometry():
+    pose = look_at(np.array([2.0, -1.0, 1.4]), np.array([0.0, 0.0, 0.4]))
+    camera = Intrinsics.default(40, 30)
+    shapes = ProceduralScene.from_seed(11).render(pose, camera, supersample=1)
+    materials = ProceduralScene.from_seed(11, "materials").render(pose, camera, supersample=1)
+    again = ProceduralScene.from_seed(11, "materials").render(pose, camera, supersample=1)
+    assert np.array_equal(materials.depth, shapes.depth)
+    assert np.array_equal(materials.rgb, again.rgb)
+    assert np.abs(materials.rgb - shapes.rgb).mean() > 0.05
+    assert 0 <= materials.rgb.min() and materials.rgb.max() <= 1
+
+
+def test_default_content_writes_the_same_scene_description_as_before():
+    """Scenes written before there was a content choice must still load and match their seed."""
+    assert "content" not in scenes._random_layout(5).to_json()
+    assert scenes._random_layout(5, "materials").to_json()["content"] == "materials"
+    with pytest.raises(Difix3DError, match="unknown scene content 'marble'"):
+        ProceduralScene.from_seed(5, "marble")
+
+
+def test_materials_scene_round_trips_through_its_ground_truth(tmp_path):
+    out = tmp_path / "scene"
+    build_scene(out, seed=12, width=64, height=48, num_train=4, num_eval=1, log=_quiet, sfm=False, content="materials")
+    truth = load_ground_truth(out)
+    assert truth.layout.content == "materials"
+    frame = truth.frames[0]
+    written = iio.imread(out / frame.file_path).astype(np.float64)
+    rendered = np.round(truth.render(frame.camera_to_world).rgb * 255)
+    assert np.abs(rendered - written).max() <= 1
+
+
+def test_objects_cast_shadows_in_the_materials_content():
+    scene = ProceduralScene.from_seed(13, "materials")
+    sphere = scene.layout.spheres[0]
+    light = scene._light.double()
+    below = torch.tensor(sphere.center, dtype=torch.float64) - 1.5 * sphere.radius * light  # the sphere hides the light
+    beside = torch.tensor([3.5, 3.5, 0.01], dtype=torch.float64)  # a corner of the floor, nothing between it and the light
+    facing = torch.tensor([True, True])
+    assert scene._unshadowed(torch.stack([below, beside]), facing).tolist() == [0.0, 1.0]
+
+
+def test_photographs_hang_upright_and_come_from_the_installed_package():
+    from difix3d.data import textures
+
+    photo = textures._photograph("astronaut", 40, 40)
+    assert photo.shape == (3, 40, 40) and photo.dtype == np.float32
+    upright = textures._resized(textures._sample_image("astronaut"), 40, 40)
+    assert np.array_equal(photo[:, 0], upright[:, -1])  # row 0 is the photograph's bottom row
+
+
+@pytest.mark.slow  # a whole scene with SfM, through the command line
+def test_cli_materials_scene_registers_every_view(tmp_path):
+    import pycolmap
+
+    out = tmp_path / "scene"
+    main(["scene", "--out", str(out), "--seed", "1003", "--content", "materials"])
+    assert load_ground_truth(out).layout.content == "materials"
+    assert pycolmap.Reconstruction(str(out / "sparse" / "0")).num_reg_images() == 20

@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import imageio.v3 as iio
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from difix3d.data import textures
 from difix3d.errors import Difix3DError
 from difix3d.images import to_uint8
 
@@ -48,6 +50,11 @@ _ROOM_HALF_SIZE = 4.0
 _ROOM_HEIGHT = 3.0
 _LOOK_AT_HEIGHT = 0.4
 _LIGHT_DIRECTION = (0.35, 0.25, 1.0)
+# What the surfaces show (`difix3d.data.textures`); "shapes" is the original content.
+SCENE_CONTENTS = ("shapes", "materials")
+DEFAULT_SCENE_CONTENT = "shapes"
+# The materials content's light: ambient share and cast shadows of the objects.
+_MATERIALS_AMBIENT = 0.4
 # Texel and smallest texture feature sizes (metres): room surfaces are seen from farther away.
 _ROOM_TEXEL_M, _ROOM_FEATURE_M = 0.02, 0.12
 _OBJECT_TEXEL_M, _OBJECT_FEATURE_M = 0.01, 0.06
@@ -109,7 +116,8 @@ class Sphere:
 
 @dataclass(frozen=True)
 class SceneLayout:
-    """The geometry of a procedural scene (textures are regenerated from the seed)."""
+    """The geometry of a procedural scene and what its surfaces show (textures are regenerated
+    from the seed; the geometry does not depend on the content)."""
 
     seed: int
     room_half_size: float
@@ -117,12 +125,18 @@ class SceneLayout:
     boxes: tuple[Box, ...]
     spheres: tuple[Sphere, ...]
     light_direction: tuple[float, float, float]
+    content: str = DEFAULT_SCENE_CONTENT
 
     def to_json(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.content == DEFAULT_SCENE_CONTENT:
+            del data["content"]  # so scenes written before there was a choice still match their seed
+        return data
 
 
-def _random_layout(seed: int) -> SceneLayout:
+def _random_layout(seed: int, content: str = DEFAULT_SCENE_CONTENT) -> SceneLayout:
+    if content not in SCENE_CONTENTS:
+        raise Difix3DError(f"unknown scene content {content!r}; choose one of {', '.join(SCENE_CONTENTS)}")
     rng = np.random.default_rng([seed, 0])
     boxes: list[Box] = []
     spheres: list[Sphere] = []
@@ -154,64 +168,8 @@ def _random_layout(seed: int) -> SceneLayout:
         boxes=tuple(boxes),
         spheres=tuple(spheres),
         light_direction=_LIGHT_DIRECTION,
+        content=content,
     )
-
-
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell_texels: float) -> torch.Tensor:
-    """Value noise: random colours on a grid `cell_texels` apart, interpolated bicubically."""
-    grid_h = max(2, math.ceil(shape[0] / cell_texels) + 1)
-    grid_w = max(2, math.ceil(shape[1] / cell_texels) + 1)
-    grid = torch.from_numpy(rng.random((1, 3, grid_h, grid_w), dtype=np.float32))
-    full = F.interpolate(grid, scale_factor=cell_texels, mode="bicubic", align_corners=False)
-    return full[0, :, : shape[0], : shape[1]]
-
-
-def _paint_shapes(rng: np.random.Generator, texture: np.ndarray, texel_m: float, feature_m: float, count: int) -> None:
-    """Paints soft-edged discs and rotated rectangles of random colour, 1-7 `feature_m` across."""
-    height, width = texture.shape[1:]
-    for _ in range(count):
-        size = rng.uniform(feature_m, 7 * feature_m) / texel_m / 2  # half size in texels
-        aspect = rng.uniform(0.4, 1.0)
-        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        angle = rng.uniform(0, math.pi)
-        colour = rng.random(3, dtype=np.float32)
-        is_disc = rng.random() < 0.5
-        x0, x1 = int(max(0, cx - size - 2)), int(min(width, cx + size + 3))
-        y0, y1 = int(max(0, cy - size - 2)), int(min(height, cy + size + 3))
-        if x0 >= x1 or y0 >= y1:
-            continue
-        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        dx, dy = xs + 0.5 - cx, ys + 0.5 - cy
-        along = dx * math.cos(angle) + dy * math.sin(angle)
-        across = -dx * math.sin(angle) + dy * math.cos(angle)
-        if is_disc:
-            signed_distance = np.hypot(along, across / aspect) - size
-        else:
-            signed_distance = np.maximum(np.abs(along) - size, np.abs(across) - size * aspect)
-        # One-texel soft edge: anti-aliased, but still a sharp corner for SIFT.
-        alpha = np.clip(0.5 - signed_distance, 0.0, 1.0)
-        region = texture[:, y0:y1, x0:x1]
-        region += alpha * (colour[:, None, None] - region)
-
-
-def _make_texture(
-    rng: np.random.Generator, width_m: float, height_m: float, texel_m: float, feature_m: float
-) -> torch.Tensor:
-    """A colourful, non-repeating texture for a `width_m` x `height_m` surface, shape (3, H, W).
-
-    Smooth multi-scale colour noise plus scattered shapes, nothing finer than `feature_m`: strong,
-    unique structure that SIFT finds at twice the training resolution, without pixel-scale noise
-    that a Gaussian splatting model could not fit at the training resolution.
-    """
-    shape = (math.ceil(height_m / texel_m) + 1, math.ceil(width_m / texel_m) + 1)
-    base = torch.from_numpy(rng.random(3, dtype=np.float32))[:, None, None]
-    texture = 0.35 * base + 0.3
-    for cells, amplitude in ((8, 0.5), (3, 0.45), (1.2, 0.3)):
-        texture = texture + amplitude * (_smooth_noise(rng, shape, cells * feature_m / texel_m) - 0.5)
-    texture = texture.clamp(0, 1).numpy().copy()
-    count = max(3, round(0.04 * width_m * height_m / feature_m**2))
-    _paint_shapes(rng, texture, texel_m, feature_m, count)
-    return torch.from_numpy(texture)
 
 
 class ProceduralScene:
@@ -238,14 +196,33 @@ class ProceduralScene:
         for sphere in layout.spheres:
             faces_m.append((2 * math.pi * sphere.radius, math.pi * sphere.radius, _OBJECT_TEXEL_M, _OBJECT_FEATURE_M))
         self._face_sizes_m = torch.tensor([(w, h) for w, h, _, _ in faces_m], dtype=torch.float32)
-        self._textures = [_make_texture(rng, *face) for face in faces_m]
+        if layout.content == "shapes":
+            self._textures = [textures.shapes_texture(rng, *face) for face in faces_m]
+        else:
+            self._textures = [torch.from_numpy(texture) for texture in self._material_textures(rng, faces_m)]
         light = torch.tensor(layout.light_direction, dtype=torch.float32)
         self._light = light / light.norm()
 
+    def _material_textures(self, rng: np.random.Generator, faces_m) -> list[np.ndarray]:
+        """The materials content, face by face in the order of `faces_m`."""
+        paint, brick = textures.room_wall_styles(rng)
+        surfaces = [
+            textures.wall_texture(rng, width, height, texel, paint, brick[wall])
+            for wall, (width, height, texel, _) in enumerate(faces_m[:4])
+        ]
+        surfaces.append(textures.floor_texture(rng, *faces_m[4][:3]))
+        surfaces.append(textures.ceiling_texture(rng, *faces_m[5][:3]))
+        box_faces = faces_m[6 : 6 + 6 * len(self.layout.boxes)]
+        for first in range(0, len(box_faces), 6):
+            material = textures.ObjectMaterial(rng)
+            surfaces += [material.texture(rng, *face[:3]) for face in box_faces[first : first + 6]]
+        surfaces += [textures.sphere_texture(rng, *face[:3]) for face in faces_m[6 + len(box_faces) :]]
+        return surfaces
+
     @classmethod
-    def from_seed(cls, seed: int) -> ProceduralScene:
+    def from_seed(cls, seed: int, content: str = DEFAULT_SCENE_CONTENT) -> ProceduralScene:
         """The scene that `seed` describes; the same seed gives the same scene on every machine."""
-        return cls(_random_layout(seed))
+        return cls(_random_layout(seed, content))
 
     def render(self, camera_to_world: np.ndarray, intrinsics: Intrinsics, supersample: int = 4) -> Render:
         """Ray-traces one view.
@@ -292,7 +269,7 @@ class ProceduralScene:
         return torch.cat(rows).float()
 
     def _shade(self, origin: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
-        face, _, (uv, normal) = self._trace(origin, dirs, with_surface=True)
+        face, t, (uv, normal) = self._trace(origin, dirs, with_surface=True)
         albedo = torch.zeros(dirs.shape[0], 3)
         for face_id in torch.unique(face).tolist():
             selected = face == face_id
@@ -303,7 +280,32 @@ class ProceduralScene:
             albedo[selected] = sampled[0, :, 0].T
         # Lambertian: view-independent shading that still shows the shapes' form.
         lambert = (normal.float() @ self._light).clamp(min=0)
-        return (albedo * (0.55 + 0.45 * lambert)[:, None]).clamp(0, 1)
+        if self.layout.content == "shapes":
+            return (albedo * (0.55 + 0.45 * lambert)[:, None]).clamp(0, 1)
+        points = origin + t[:, None] * dirs
+        lit = lambert * self._unshadowed(points + 1e-3 * normal.float(), lambert > 0)
+        return (albedo * (_MATERIALS_AMBIENT + (1 - _MATERIALS_AMBIENT) * lit)[:, None]).clamp(0, 1)
+
+    def _unshadowed(self, points: torch.Tensor, facing: torch.Tensor) -> torch.Tensor:
+        """1 where the light reaches a point facing it, 0 where an object casts a shadow on it (the
+        light is directional and shines through the room, so only the objects cast shadows)."""
+        light = self._light.to(points.dtype)
+        blocked = torch.zeros(points.shape[0], dtype=torch.bool)
+        for box in self.layout.boxes:
+            local, _ = self._to_box_frame(box, points)
+            local_light, _ = self._to_box_frame(box, light[None], translate=False)
+            half = torch.tensor(box.half_size, dtype=points.dtype)
+            direction = torch.where(local_light.abs() < 1e-12, torch.full_like(local_light, 1e-12), local_light)
+            t_low, t_high = (-half - local) / direction, (half - local) / direction
+            t_near = torch.minimum(t_low, t_high).max(dim=1).values
+            t_far = torch.maximum(t_low, t_high).min(dim=1).values
+            blocked |= (t_near <= t_far) & (t_far > _EPS)
+        for sphere in self.layout.spheres:
+            offset = points - torch.tensor(sphere.center, dtype=points.dtype)
+            half_b = offset @ light
+            discriminant = half_b**2 - ((offset * offset).sum(dim=1) - sphere.radius**2)
+            blocked |= (discriminant > 0) & (-half_b + discriminant.clamp(min=0).sqrt() > _EPS)
+        return (facing & ~blocked).to(points.dtype)
 
     def _trace(self, origin: torch.Tensor, dirs: torch.Tensor, with_surface: bool = False):
         """Nearest hit of each ray: (face id, t, (uv in metres, unit normal) if `with_surface`)."""
@@ -525,7 +527,7 @@ def load_ground_truth(scene_dir: str | Path) -> GroundTruth:
     data = json.loads(path.read_text())
     if data.get("generator_version") != GENERATOR_VERSION or data["convention"]["camera_to_world"] != POSE_CONVENTION:
         raise Difix3DError(f"{path} was written by another scene generator version")
-    layout = _random_layout(int(data["seed"]))
+    layout = _random_layout(int(data["seed"]), data["scene"].get("content", DEFAULT_SCENE_CONTENT))
     if json.loads(json.dumps(layout.to_json())) != data["scene"]:
         raise Difix3DError(f"{path}: the scene parameters do not match seed {data['seed']} of this generator")
     intrinsics = Intrinsics(int(data["width"]), int(data["height"]), **{k: float(v) for k, v in data["intrinsics"].items()})
@@ -590,6 +592,7 @@ def build_scene(
     overwrite: bool = False,
     log=print,
     sfm: bool = True,
+    content: str = DEFAULT_SCENE_CONTENT,
 ) -> GroundTruth:
     """Renders a procedural scene, runs SfM on it and writes the scene folder `out`.
 
@@ -598,6 +601,7 @@ def build_scene(
     `ground_truth.json` (true poses, intrinsics, seed, scene parameters). The folder is assembled
     next to `out` and moved into place only when everything succeeded. With `sfm=False` the folder
     has no `sparse/0` (enough for the ground-truth data engine, which knows the true poses).
+    `content` chooses what the surfaces show (`SCENE_CONTENTS`); the geometry depends on the seed only.
     """
     from difix3d.data import sfm as structure_from_motion  # pycolmap is only needed here
 
@@ -610,8 +614,8 @@ def build_scene(
     frames = [Frame(f"images/frame_train_{i:04d}.png", "train", p) for i, p in enumerate(train_poses)]
     frames += [Frame(f"images/frame_eval_{i:04d}.png", "eval", p) for i, p in enumerate(eval_poses)]
 
-    log(f"Building scene (seed {seed}, {num_train} train + {num_eval} eval views at {width}x{height})")
-    scene = ProceduralScene.from_seed(seed)
+    log(f"Building scene (seed {seed}, {content}, {num_train} train + {num_eval} eval views at {width}x{height})")
+    scene = ProceduralScene.from_seed(seed, content)
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     # Assembled next to OUT; created with mkdir (not mkdtemp, which makes it 0700) so the scene
@@ -662,6 +666,7 @@ def scene_command(
     num_train: int = 12,
     num_eval: int = 8,
     overwrite: bool = False,
+    content: Literal["shapes", "materials"] = DEFAULT_SCENE_CONTENT,
 ) -> None:
     """Render a procedural test scene and reconstruct it with COLMAP SfM (pycolmap).
 
@@ -677,5 +682,6 @@ def scene_command(
         num_train: Number of training views.
         num_eval: Number of held-out evaluation views.
         overwrite: Replace OUT if it is a scene written by this command (and holds nothing else).
+        content: What the surfaces show: "shapes" (colour noise and scattered shapes) or "materials" (rooms of wood, tiles, plaster, framed photographs, fabric and marble, with cast shadows).
     """
-    build_scene(out, seed, width, height, num_train, num_eval, overwrite)
+    build_scene(out, seed, width, height, num_train, num_eval, overwrite, content=content)
