@@ -167,6 +167,15 @@ def test_save_and_load_are_bit_exact(trained: Difix, tmp_path) -> None:
     assert torch.equal(trained.fix(image), loaded.fix(image))
 
 
+def test_embedded_names_the_packaged_model() -> None:
+    from difix3d.models.ids import EMBEDDED_DIFIX
+
+    by_name, by_folder = load_difix("embedded"), load_difix(EMBEDDED_DIFIX)
+    assert by_name.config.to_dict() == by_folder.config.to_dict()
+    folder_state = by_folder.state_dict()
+    assert all(torch.equal(value, folder_state[key]) for key, value in by_name.state_dict().items())
+
+
 def test_release_checkpoint_loads_back_identically(difix: Difix, trained: Difix, tmp_path) -> None:
     save_pretrained(difix, tmp_path / "base")  # shares the frozen VAE weights with `trained`
     save_release_checkpoint(trained, tmp_path / "model_10.pkl")

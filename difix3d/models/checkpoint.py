@@ -4,6 +4,7 @@ Sources, all turned into (DifixConfig, state dict in Difix's own key layout) and
 strictly, with an error that lists the first mismatches:
 - "random-tiny-architecture" / "random-sd-turbo-architecture": random weights (`Difix.from_config`),
   for tests and timing; the bare architecture names are refused so that noise is never loaded by accident;
+- "embedded": the Difix that ships in the package (`difix3d.models.ids.EMBEDDED_DIFIX`);
 - a difix3d folder (`save_pretrained`: `difix3d_config.json` + `model.safetensors`);
 - a diffusers folder with `unet/`, `vae/` (and `text_encoder/` + `tokenizer/` to encode the
   prompt): SD-Turbo itself (the Difix additions start from their initialisation) or a released
@@ -36,6 +37,8 @@ from safetensors.torch import load_file, save_file
 from difix3d.errors import Difix3DError
 from difix3d.models.ids import (
     DEFAULT_BASE,
+    EMBEDDED_DIFIX,
+    EMBEDDED_NAME,
     random_weights_architecture,
     random_weights_name,
 )
@@ -82,7 +85,7 @@ def load_difix(
     Random weights only come from the names "random-tiny-architecture" and "random-sd-turbo-architecture".
     Returns the model in eval mode.
     """
-    spec = str(spec)
+    spec = EMBEDDED_DIFIX if str(spec) == EMBEDDED_NAME else str(spec)
     random_architecture = random_weights_architecture(spec)
     if random_architecture in NAMED_ARCHITECTURES:
         difix = Difix.from_config(random_architecture)

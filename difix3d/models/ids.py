@@ -7,10 +7,12 @@ from pathlib import Path
 DEFAULT_BASE = "stabilityai/sd-turbo"
 """The SD-Turbo that a reference-release `.pkl` is applied on."""
 
-# The Difix that ships inside the package: the `tiny` architecture trained on procedural scenes on the
-# CPU by scripts/bench_quality.py (see its README.md). The default where no model is named; it knows
-# nothing but those scenes: name `nvidia/difix_ref` for photographs.
+# The Difix that ships inside the package: the `small` architecture trained on procedural scenes on the
+# CPU by scripts/train_embedded_difix.py (see its README.md). The default where no model is named; it
+# knows nothing but those scenes: name `nvidia/difix_ref` for photographs.
 EMBEDDED_DIFIX = str(Path(__file__).resolve().parents[1] / "assets" / "difix-small-procedural")
+EMBEDDED_NAME = "embedded"
+"""The name that stands for `EMBEDDED_DIFIX` wherever a model is named (`--model embedded`)."""
 
 PROMPT = "remove degradation"
 """Difix's fixed text prompt (the release's)."""

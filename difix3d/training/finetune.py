@@ -73,7 +73,7 @@ class TrainConfig:
     output: Path
     """Output folder: checkpoints, evaluation grids, TensorBoard logs, final model and model card."""
     model: str = "nvidia/difix_ref"
-    """Starting model: a hub id, a difix3d folder, a release .pkl, or "random-tiny-architecture" (random, for tests)."""
+    """Starting model: a hub id, a difix3d folder, a release .pkl, "embedded" (the packaged Difix), or "random-tiny-architecture" (random, for tests)."""
     base: Annotated[str, tyro.conf.arg(aliases=("--base-model",))] = DEFAULT_BASE
     """Only for a release .pkl: the SD-Turbo (hub id or folder) its weights apply to (`--base`, as in
     `difix3d fix`; `--base-model` is its old name)."""
