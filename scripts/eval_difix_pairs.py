@@ -18,6 +18,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -29,8 +30,9 @@ from tqdm.auto import tqdm
 class EvalPairs:
     dataset: Path
     """Dataset JSON written by `difix3d curate` (its test split is scored)."""
-    model: list[str] = field(default_factory=lambda: ["embedded"])
-    """Difix models (`load_difix` specs; `embedded` is the packaged one)."""
+    model: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """A Difix to score (a `load_difix` spec; `embedded` is the packaged one); repeat `--model` to
+    compare several (default: embedded)."""
     max_pairs: int = 0
     """Score only the first N test pairs (0: all)."""
     json: Path | None = None
@@ -60,7 +62,6 @@ def fix_with(model, image: torch.Tensor, ref: torch.Tensor | None, use_ref: bool
 def main(settings: EvalPairs) -> dict:
     from difix3d.metrics import LPIPSMetric, image_scores
     from difix3d.models.checkpoint import load_difix
-    from difix3d.models.ids import EMBEDDED_DIFIX
     from difix3d.runtime import configure_cpu_runtime
     from difix3d.training.finetune import load_dataset, load_pair_images
 
@@ -68,7 +69,7 @@ def main(settings: EvalPairs) -> dict:
     pairs = load_dataset(settings.dataset)["test"]
     pairs = pairs[: settings.max_pairs] if settings.max_pairs else pairs
     lpips = LPIPSMetric("alex")
-    models = {spec: load_difix(EMBEDDED_DIFIX if spec == "embedded" else spec, device="cpu").eval() for spec in settings.model}
+    models = {spec: load_difix(spec, device="cpu").eval() for spec in settings.model or ["embedded"]}
     fixers = {spec: functools.partial(fix_with, model, use_ref=True) for spec, model in models.items()}
     if settings.ablations:
         for spec, model in models.items():
