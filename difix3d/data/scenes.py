@@ -291,15 +291,9 @@ class ProceduralScene:
         light is directional and shines through the room, so only the objects cast shadows)."""
         light = self._light.to(points.dtype)
         blocked = torch.zeros(points.shape[0], dtype=torch.bool)
+        towards_light = light.expand_as(points)
         for box in self.layout.boxes:
-            local, _ = self._to_box_frame(box, points)
-            local_light, _ = self._to_box_frame(box, light[None], translate=False)
-            half = torch.tensor(box.half_size, dtype=points.dtype)
-            direction = torch.where(local_light.abs() < 1e-12, torch.full_like(local_light, 1e-12), local_light)
-            t_low, t_high = (-half - local) / direction, (half - local) / direction
-            t_near = torch.minimum(t_low, t_high).max(dim=1).values
-            t_far = torch.maximum(t_low, t_high).min(dim=1).values
-            blocked |= (t_near <= t_far) & (t_far > _EPS)
+            blocked |= self._intersect_box(box, points, towards_light)[2]
         for sphere in self.layout.spheres:
             offset = points - torch.tensor(sphere.center, dtype=points.dtype)
             half_b = offset @ light
@@ -390,7 +384,8 @@ class ProceduralScene:
         return vectors @ rotation.T, rotation
 
     def _intersect_box(self, box: Box, origin: torch.Tensor, dirs: torch.Tensor):
-        local_origin, _ = self._to_box_frame(box, origin[None])
+        """(t, face, hit) of rays from `origin` (one point (3,), or one per ray (N, 3)) along `dirs` (N, 3)."""
+        local_origin, _ = self._to_box_frame(box, origin.reshape(-1, 3))
         local_dirs, _ = self._to_box_frame(box, dirs, translate=False)
         half = torch.tensor(box.half_size, dtype=dirs.dtype)
         t_low = (-half - local_origin) / local_dirs

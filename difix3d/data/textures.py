@@ -68,9 +68,14 @@ def _fractal(rng: np.random.Generator, shape: tuple[int, int], cell: float, octa
     return 0.5 + total / norm
 
 
+def texel_shape(width_m: float, height_m: float, texel_m: float) -> tuple[int, int]:
+    """(H, W) texels of a `width_m` x `height_m` surface: a texel on each edge."""
+    return math.ceil(height_m / texel_m) + 1, math.ceil(width_m / texel_m) + 1
+
+
 def _texel_grid(width_m: float, height_m: float, texel_m: float) -> tuple[np.ndarray, np.ndarray]:
     """(u, v) in metres of every texel, each (H, W)."""
-    shape = (math.ceil(height_m / texel_m) + 1, math.ceil(width_m / texel_m) + 1)
+    shape = texel_shape(width_m, height_m, texel_m)
     v, u = np.mgrid[: shape[0], : shape[1]].astype(np.float32) * texel_m
     return u, v
 
@@ -124,7 +129,7 @@ def shapes_texture(
     unique structure that SIFT finds at twice the training resolution, without pixel-scale noise
     that a Gaussian splatting model could not fit at the training resolution.
     """
-    shape = (math.ceil(height_m / texel_m) + 1, math.ceil(width_m / texel_m) + 1)
+    shape = texel_shape(width_m, height_m, texel_m)
     base = torch.from_numpy(rng.random(3, dtype=np.float32))[:, None, None]
     texture = 0.35 * base + 0.3
     for cells, amplitude in ((8, 0.5), (3, 0.45), (1.2, 0.3)):
@@ -231,7 +236,7 @@ def _marble_veins(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, texel_
 def _marble(rng: np.random.Generator, width_m: float, height_m: float, texel_m: float) -> np.ndarray:
     u, v = _texel_grid(width_m, height_m, texel_m)
     base = _jitter(rng, [(0.92, 0.91, 0.88), (0.25, 0.26, 0.28), (0.85, 0.78, 0.70), (0.55, 0.65, 0.58)][rng.integers(4)], 0.05)
-    vein_colour = np.clip(base * rng.uniform(0.35, 0.6) + (0.1 if base.mean() < 0.5 else 0.0) * 4, 0, 1)
+    vein_colour = np.clip(base * rng.uniform(0.35, 0.6) + (0.4 if base.mean() < 0.5 else 0.0), 0, 1)  # light veins on dark marble
     cloud = 0.92 + 0.16 * _fractal(rng, u.shape, 0.3 / texel_m)
     veins = _marble_veins(rng, u, v, texel_m)[None]
     texture = base[:, None, None] * cloud[None]
@@ -387,8 +392,7 @@ def wall_texture(rng: np.random.Generator, width_m: float, height_m: float, texe
     """A room wall: plaster (or brick) with a baseboard, framed photographs, maybe a door, a
     bookshelf and a window."""
     if brick:
-        texture = _grey_scan(rng, "brick", _texel_grid(width_m, height_m, texel_m)[0].shape, texel_m,
-                             _jitter(rng, (0.72, 0.42, 0.32), 0.1))  # fmt: skip
+        texture = _grey_scan(rng, "brick", texel_shape(width_m, height_m, texel_m), texel_m, _jitter(rng, (0.72, 0.42, 0.32), 0.1))
     else:
         texture = _paint(rng, width_m, height_m, texel_m, paint)
     taken: list[tuple[float, float]] = []
@@ -447,6 +451,7 @@ class ObjectMaterial:
     """One material for every face of an object (each face gets its own piece of it)."""
 
     def __init__(self, rng: np.random.Generator, kinds: tuple[str, ...] = OBJECT_MATERIALS) -> None:
+        # Every attribute is drawn whatever the kind, so one kind's choices never shift another's.
         self.kind = kinds[rng.integers(len(kinds))]
         self.tone = _WOOD_TONES[rng.integers(len(_WOOD_TONES))]
         self.colour = rng.uniform(0.15, 0.95, 3)
@@ -460,7 +465,7 @@ class ObjectMaterial:
             return _fabric(rng, width_m, height_m, texel_m)
         if self.kind == "marble":
             return _marble(rng, width_m, height_m, texel_m)
-        shape = _texel_grid(width_m, height_m, texel_m)[0].shape
+        shape = texel_shape(width_m, height_m, texel_m)
         if self.kind == "stone":
             return _grey_scan(rng, self.scan, shape, texel_m, 0.4 + 0.5 * self.colour)
         texture = _paint(rng, width_m, height_m, texel_m, self.colour)
@@ -481,8 +486,7 @@ def sphere_texture(rng: np.random.Generator, width_m: float, height_m: float, te
         index = np.floor(u / width_m * count).astype(np.int64) % count
         return colours[index].transpose(2, 0, 1).copy()
     if kind == "photograph":
-        shape = _texel_grid(width_m, height_m, texel_m)[0].shape
-        return _photograph(PHOTOGRAPHS[rng.integers(len(PHOTOGRAPHS))], *shape)
+        return _photograph(PHOTOGRAPHS[rng.integers(len(PHOTOGRAPHS))], *texel_shape(width_m, height_m, texel_m))
     return ObjectMaterial(rng, (kind,)).texture(rng, width_m, height_m, texel_m)
 
 
