@@ -138,3 +138,22 @@ def test_latent_term_is_added_when_weighted_and_needs_the_latents():
     with pytest.raises(ValueError, match="needs predicted_latent"):
         loss(prediction, target, step=0)
     assert DifixLoss(lambda_lpips=0.0, lambda_gram=0.0)(prediction, target, step=0).latent == 0
+
+
+def test_log_mse_weighs_each_pair_by_its_own_error():
+    loss = DifixLoss(lambda_l2=0.5, lambda_lpips=0.0, lambda_gram=0.0, l2_form="log-mse")
+    target = _images(seed=3) * 2 - 1
+    # One pair nearly right (error 0.01), one far off (error 0.3), as a clean and a broken render.
+    prediction = (target + torch.tensor([0.01, 0.3]).view(2, 1, 1, 1)).requires_grad_(True)
+    terms = loss(prediction, target, step=0)
+    per_image = torch.tensor([0.01**2, 0.3**2])
+    assert terms.total.item() == pytest.approx(0.5 * torch.log10(per_image + 1e-6).mean().item(), rel=1e-5)
+    assert terms.l2.item() == pytest.approx(per_image.mean().item(), rel=1e-5)  # logged as the plain MSE
+    terms.total.backward()
+    # Growing either pair's error by the same factor (the same loss of PSNR) costs the same, where
+    # under the MSE the broken pair's would cost 900x more.
+    error = (prediction - target).detach()
+    near, far = (prediction.grad * error).flatten(1).sum(dim=1)
+    assert near.item() == pytest.approx(far.item(), rel=0.05)
+    with pytest.raises(Difix3DError, match="l2_form"):
+        DifixLoss(lambda_lpips=0.0, lambda_gram=0.0, l2_form="l1")

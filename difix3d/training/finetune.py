@@ -54,7 +54,7 @@ from difix3d.imagenet_weights import describe, find_imagenet_weights
 from difix3d.images import load_image, save_image
 from difix3d.metrics import LPIPSMetric, image_scores
 from difix3d.models.ids import DEFAULT_BASE
-from difix3d.training.losses import GRAM_LAYER_WEIGHTS, DifixLoss, LossTerms
+from difix3d.training.losses import GRAM_LAYER_WEIGHTS, DifixLoss, L2Form, LossTerms
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,11 @@ class TrainConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     lambda_l2: float = 1.0
+    l2_form: L2Form = "mse"
+    """"mse": the paper's L2. "log-mse": each image's log10 MSE (-PSNR/10), which weighs a pair by the
+    inverse of its own error, so nearly clean renders count as much as broken ones (not in the paper;
+    see difix3d.training.losses). Its gradient on an 18 dB pair is about 7x that of the MSE: pair it
+    with a smaller --lambda-l2 (0.15 keeps broken pairs' weight)."""
     lambda_lpips: float = 1.0
     lambda_gram: float = 1.0
     """Gram (style) loss weight (the paper's formula uses 0.5, the release 1.0)."""
@@ -356,6 +361,7 @@ class DifixTrainer:
             perceptual_backbone=config.perceptual_backbone,
             vgg16_weights=config.vgg16_weights,
             lambda_latent=config.lambda_latent,
+            l2_form=config.l2_form,
         ).to(self.device)
 
         from difix3d.models.checkpoint import load_difix
@@ -666,7 +672,7 @@ pairs per step ({config.batch_size} per process)
 - **Optimizer**: AdamW, lr {config.learning_rate:g}{"" if config.unet_learning_rate is None else f" (UNet {config.unet_learning_rate:g})"}, weight decay {config.weight_decay:g}, grad-norm clip {config.max_grad_norm:g}
 - **Precision**: {"fp32" if self.accelerator.mixed_precision == "no" else self.accelerator.mixed_precision + " mixed precision"}; gradient checkpointing {"on" if config.gradient_checkpointing else "off"}
 - **Trained**: UNet (all weights), VAE decoder LoRA and skip convs; VAE encoder frozen
-- **Loss**: {config.lambda_l2:g}·L2 + {config.lambda_lpips:g}·LPIPS(VGG) + {config.lambda_gram:g}·Gram \
+- **Loss**: {config.lambda_l2:g}·{"L2" if config.l2_form == "mse" else "log10 L2 (per image)"} + {config.lambda_lpips:g}·LPIPS(VGG) + {config.lambda_gram:g}·Gram \
 (VGG-16 relu1_2…relu5_3, layer weights {layer_weights}; on after {config.gram_warmup_steps} steps){f" + {config.lambda_latent:g}·L2 of the UNet's latent to the target's" if config.lambda_latent > 0 else ""}
 - **Perceptual backbone**: {backbone}
 - **Evaluation**: {metrics}

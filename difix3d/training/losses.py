@@ -25,6 +25,10 @@ from difix3d.metrics import build_lpips_network
 logger = logging.getLogger(__name__)
 
 PerceptualBackbone = Literal["pretrained", "random"]
+L2Form = Literal["mse", "log-mse"]
+
+# Added to each image's MSE (on [-1, 1]) before its log: no pair is worth more than a 66 dB one.
+LOG_MSE_FLOOR = 1e-6
 
 # Per-layer weights of the Gram loss for relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (METHOD.md).
 GRAM_LAYER_WEIGHTS = (1 / 2.6, 1 / 4.8, 1 / 3.7, 1 / 5.6, 10 / 1.5)
@@ -73,6 +77,11 @@ class DifixLoss(nn.Module):
     its weights 1/1/1; the paper's formula uses 0.5 for Gram). L2 is the mean squared error in the
     network's [-1, 1] range.
 
+    `l2_form="log-mse"` (not in the paper) replaces the L2 term by each image's log10 MSE (its PSNR
+    over -10, averaged over the batch): a pair's gradient is then scaled by the inverse of its own
+    error, so a nearly clean render that Difix spoils by 1 dB weighs as much as a broken one it
+    improves by 1 dB, instead of an order of magnitude less.
+
     `lambda_latent` (not in the paper, default 0) adds the L2 between the UNet's predicted latent and
     the target's: a small decoder trained from scratch takes much of its output from the degraded
     input's skip features, so the image losses reach the UNet (and any reference it attends to)
@@ -88,8 +97,12 @@ class DifixLoss(nn.Module):
         perceptual_backbone: PerceptualBackbone = "pretrained",
         vgg16_weights: str | Path | None = None,
         lambda_latent: float = 0.0,
+        l2_form: L2Form = "mse",
     ):
         super().__init__()
+        if l2_form not in ("mse", "log-mse"):
+            raise Difix3DError(f"l2_form must be 'mse' or 'log-mse', got {l2_form!r}")
+        self.l2_form = l2_form
         self.lambda_l2, self.lambda_lpips, self.lambda_gram = lambda_l2, lambda_lpips, lambda_gram
         self.lambda_latent = lambda_latent
         self.gram_warmup_steps = gram_warmup_steps
@@ -153,6 +166,10 @@ class DifixLoss(nn.Module):
                 raise ValueError("lambda_latent > 0 needs predicted_latent and target_latent")
             latent_value = F.mse_loss(predicted_latent.float(), target_latent.float())
         l2 = F.mse_loss(prediction.float(), target.float())
+        pixel_value = l2
+        if self.l2_form == "log-mse":
+            per_image = (prediction.float() - target.float()).square().flatten(1).mean(dim=1)
+            pixel_value = torch.log10(per_image + LOG_MSE_FLOOR).mean()
         lpips_value, gram_value = zero, zero
         gram_active = self.lambda_gram > 0 and step >= self.gram_warmup_steps
         if self.lambda_lpips > 0 or gram_active:
@@ -163,7 +180,7 @@ class DifixLoss(nn.Module):
                 lpips_value = self.lpips_from_features(prediction_features, target_features)
             if gram_active:
                 gram_value = gram_loss(prediction_features, target_features)
-        total = self.lambda_l2 * l2 + self.lambda_lpips * lpips_value
+        total = self.lambda_l2 * pixel_value + self.lambda_lpips * lpips_value
         if gram_active:
             total = total + self.lambda_gram * gram_value
         if self.lambda_latent > 0:
