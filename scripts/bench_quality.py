@@ -49,6 +49,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -250,6 +251,23 @@ def code_version() -> dict:
     }
 
 
+def machine_description() -> dict:
+    """The machine that runs now. The figures depend on it: a CPU 3DGS run repeats bit for bit on one
+    machine but diverges on another (floating point), by as much as a change of training seed."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "torch": torch.__version__}
+
+
+def describe_machine(machine: dict | None) -> str:
+    if machine is None:
+        return "not recorded"
+    return f"{machine['cpu']}, {machine['cores']} cores, {machine['system']}, torch {machine['torch']}"
+
+
 def describe_code(code: dict) -> str:
     state = {True: " + uncommitted changes", False: "", None: " (dirty state unknown)"}[code["dirty"]]
     return f"{code['commit'][:12]}{state} (code hash {code['code_hash']})"
@@ -265,6 +283,7 @@ class StageBook:
     allow_mixed_code: bool
     records: dict[str, dict] = field(default_factory=dict)
     ran: list[str] = field(default_factory=list)
+    machine: dict = field(default_factory=machine_description)
 
     def ensure(self, folder: Path, settings: dict, make: Callable[[], None], inputs: tuple[dict, ...] = ()) -> dict:
         """The record of the stage in `folder`, running `make()` first unless it is finished with
@@ -298,6 +317,7 @@ class StageBook:
             "settings": settings,
             "inputs": input_ids,
             "code": self.code,
+            "machine": self.machine,
             "seconds": round(time.perf_counter() - started, 1),
             "cpu_seconds": round(cpu_seconds() - cpu_started, 1),
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -314,6 +334,15 @@ class StageBook:
             entry = versions.setdefault(record["code"]["code_hash"], {**record["code"], "stages": []})
             entry["stages"].append(name)
         return list(versions.values())
+
+    def machines(self) -> list[dict]:
+        """Every machine among the stages used (None: a stage recorded before machines were), with its stages."""
+        machines: dict[str, dict] = {}
+        for name, record in sorted(self.records.items()):
+            machine = record.get("machine")
+            entry = machines.setdefault(describe_machine(machine), {"machine": machine, "stages": []})
+            entry["stages"].append(name)
+        return list(machines.values())
 
 
 def difix_identity(spec: str) -> str:
@@ -705,6 +734,11 @@ def markdown(bench: BenchQuality, report: dict, results: list[dict]) -> str:
         + ("" if len(code["stages"]) == 1 else f"; stages from {len(code['stages'])} code versions (--allow-mixed-code): "
            + ", ".join(f"`{describe_code(v)}` ({len(v['stages'])} stages)" for v in code["stages"])),
         "",
+        f"Machine: `{describe_machine(report['machine']['current'])}`"
+        + ("" if len(report["machine"]["stages"]) == 1 else f"; stages from {len(report['machine']['stages'])} machines: "
+           + ", ".join(f"`{describe_machine(m['machine'])}` ({len(m['stages'])} stages)" for m in report["machine"]["stages"]))
+        + " (a CPU 3DGS run repeats bit for bit on one machine, not across machines)",
+        "",
         f"Command: `{report['command']}`",
         "",
         f"Difix: {report['difix']['description']} (id `{report['difix']['id']}`).",
@@ -915,6 +949,7 @@ def main(bench: BenchQuality) -> dict:
     report = {
         "command": command,
         "code": {"current": code, "stages": book.code_versions()},
+        "machine": {"current": book.machine, "stages": book.machines()},
         "difix": {"spec": bench.difix, "id": difix_id, "description": description},
         "settings": jsonable(dataclasses.asdict(bench)),
         "summary": summary,

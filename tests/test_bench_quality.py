@@ -51,6 +51,8 @@ def test_quick_benchmark_reports_resumes_repeats_and_refuses_other_code(tmp_path
     assert summary["lpips"]["available"] == (summary["methods"]["3dgs"]["lpips"] is not None)
     assert summary["lpips"]["available"] or "AlexNet" in summary["lpips"]["reason"]
     assert report["code"]["current"]["commit"] and len(report["code"]["stages"]) == 1
+    machine = report["machine"]["current"]
+    assert machine["cores"] >= 1 and machine["cpu"] and [m["machine"] for m in report["machine"]["stages"]] == [machine]
     assert set(summary["paired_differences"]) == {"difix3d - 3dgs", "difix3d+ - 3dgs", "difix_on_3dgs - 3dgs", "difix3d+ - difix3d"}
     assert "within_noise" in summary["paired_differences"]["difix3d - 3dgs"]["psnr"]
     assert summary["noise_floor"]["seeds"] == [0, 1] and summary["noise_floor"]["seed_std"]["psnr"] > 0
@@ -62,6 +64,7 @@ def test_quick_benchmark_reports_resumes_repeats_and_refuses_other_code(tmp_path
     assert scene["per_view"]["difix3d"] != scene["per_view"]["3dgs"]
     markdown = (results / "quality.md").read_text()
     assert report["code"]["current"]["commit"][:12] in markdown and "| Difix3D+ |" in markdown
+    assert f"Machine: `{machine['cpu']}, {machine['cores']} cores" in markdown
     assert iio.imread(results / "quality_grid.png").shape[1] == 5 * (80 + 4)  # GT | 3DGS | Difix3D | Difix3D+ | Difix on 3DGS
     assert (results / "quality_rounds.png").stat().st_size > 0
     written = card.read_text()
@@ -74,6 +77,7 @@ def test_quick_benchmark_reports_resumes_repeats_and_refuses_other_code(tmp_path
     record_path = scene_dir / "plain_seed1" / "stage.json"
     record = json.loads(record_path.read_text())
     record["code"] = {"commit": "0" * 40, "dirty": False, "code_hash": "another-code"}
+    record["machine"] = {"cpu": "Another CPU", "cores": 64, "system": "Linux", "torch": "0"}
     record_path.write_text(json.dumps(record))
     refused = bench("--difix", "random-tiny-architecture", work=work, results=tmp_path / "results_mixed")
     assert refused.returncode != 0 and "other code" in refused.stderr and "Traceback" not in refused.stderr
@@ -85,7 +89,9 @@ def test_quick_benchmark_reports_resumes_repeats_and_refuses_other_code(tmp_path
     again = json.loads((tmp_path / "results_mixed" / "quality.json").read_text())
     versions = again["code"]["stages"]
     assert {version["commit"] for version in versions} == {"0" * 40, report["code"]["current"]["commit"]}
-    assert "000000000000" in (tmp_path / "results_mixed" / "quality.md").read_text()
+    mixed_markdown = (tmp_path / "results_mixed" / "quality.md").read_text()
+    assert "000000000000" in mixed_markdown
+    assert len(again["machine"]["stages"]) == 2 and "stages from 2 machines: " in mixed_markdown and "Another CPU, 64 cores" in mixed_markdown
     ran = again["timing"]["stages_run_now"]
     assert any(name.endswith("/difix3d") for name in ran) and not any("plain_seed" in name for name in ran)
     assert scores(tmp_path / "results_mixed") == scores(results)
