@@ -70,6 +70,9 @@ class Settings:
     """The UNet's own learning rate (None: `difix_lr`); its last conv starts at zero (identity start)."""
     crop: int = 160
     """Crop side for Difix training (160 at 160x120: whole images, so holes keep their context)."""
+    l2_form: Literal["mse", "log-mse"] = "mse"
+    """The pixel term (`difix3d train --l2-form`): the paper's L2, or each image's log10 MSE."""
+    lambda_l2: float = 1.0
     lambda_lpips: float = 1.0
     lambda_gram: float = 0.5
     """The paper's L = L2 + LPIPS + 0.5 Gram."""
@@ -255,7 +258,8 @@ def train_difix(settings: Settings, dataset: Path, start: Path) -> None:
     result = train(
         TrainConfig(
             dataset=dataset, output=folder, model=str(start), steps=settings.difix_steps, crop_size=settings.crop,
-            learning_rate=settings.difix_lr, unet_learning_rate=settings.difix_unet_lr, lambda_lpips=settings.lambda_lpips, lambda_gram=settings.lambda_gram,
+            learning_rate=settings.difix_lr, unet_learning_rate=settings.difix_unet_lr, l2_form=settings.l2_form,
+            lambda_l2=settings.lambda_l2, lambda_lpips=settings.lambda_lpips, lambda_gram=settings.lambda_gram,
             gram_warmup_steps=settings.gram_warmup_steps, lambda_latent=settings.lambda_latent, eval_every=1000, checkpoint_every=250, eval_max_pairs=settings.eval_pairs,
             resume=(folder / "checkpoints").is_dir(),
         )

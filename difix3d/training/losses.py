@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +100,8 @@ class DifixLoss(nn.Module):
         l2_form: L2Form = "mse",
     ):
         super().__init__()
-        if l2_form not in ("mse", "log-mse"):
-            raise Difix3DError(f"l2_form must be 'mse' or 'log-mse', got {l2_form!r}")
+        if l2_form not in get_args(L2Form):
+            raise Difix3DError(f"l2_form must be one of {', '.join(get_args(L2Form))}, got {l2_form!r}")
         self.l2_form = l2_form
         self.lambda_l2, self.lambda_lpips, self.lambda_gram = lambda_l2, lambda_lpips, lambda_gram
         self.lambda_latent = lambda_latent
