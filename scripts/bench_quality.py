@@ -264,7 +264,7 @@ def machine_description() -> dict:
 
 def describe_machine(machine: dict | None) -> str:
     if machine is None:
-        return "not recorded"
+        return "a machine not recorded"
     return f"{machine['cpu']}, {machine['cores']} cores, {machine['system']}, torch {machine['torch']}"
 
 
@@ -327,22 +327,20 @@ class StageBook:
         self.ran.append(name)
         return record
 
+    def _group_stages(self, key: Callable[[dict], str], entry: Callable[[dict], dict]) -> list[dict]:
+        """The stages used, grouped by `key(record)`: each group is `entry(record)` plus its stages."""
+        groups: dict[str, dict] = {}
+        for name, record in sorted(self.records.items()):
+            groups.setdefault(key(record), {**entry(record), "stages": []})["stages"].append(name)
+        return list(groups.values())
+
     def code_versions(self) -> list[dict]:
         """Every code version among the stages used, with the stages it made."""
-        versions: dict[str, dict] = {}
-        for name, record in sorted(self.records.items()):
-            entry = versions.setdefault(record["code"]["code_hash"], {**record["code"], "stages": []})
-            entry["stages"].append(name)
-        return list(versions.values())
+        return self._group_stages(lambda record: record["code"]["code_hash"], lambda record: record["code"])
 
     def machines(self) -> list[dict]:
         """Every machine among the stages used (None: a stage recorded before machines were), with its stages."""
-        machines: dict[str, dict] = {}
-        for name, record in sorted(self.records.items()):
-            machine = record.get("machine")
-            entry = machines.setdefault(describe_machine(machine), {"machine": machine, "stages": []})
-            entry["stages"].append(name)
-        return list(machines.values())
+        return self._group_stages(lambda record: describe_machine(record.get("machine")), lambda record: {"machine": record.get("machine")})
 
 
 def difix_identity(spec: str) -> str:
@@ -722,6 +720,15 @@ def difference_cell(entry: dict, metric: str) -> str:
     return f"{fmt(entry['mean'], metric, True)} ± {fmt(entry['std'], metric)}{mark}"
 
 
+def stage_sources(groups: list[dict], current: str, noun: str, describe: Callable[[dict], str]) -> str:
+    """"; stages from N <noun>: ..." unless every stage of a report comes from `current` (described)."""
+    if [describe(group) for group in groups] == [current]:
+        return ""
+    if len(groups) == 1:
+        return f"; all stages from `{describe(groups[0])}`"
+    return f"; stages from {len(groups)} {noun}: " + ", ".join(f"`{describe(group)}` ({len(group['stages'])} stages)" for group in groups)
+
+
 def markdown(bench: BenchQuality, report: dict, results: list[dict]) -> str:
     summary = report["summary"]
     metrics, noise, differences = summary["metrics"], summary["noise_floor"], summary["paired_differences"]
@@ -731,12 +738,11 @@ def markdown(bench: BenchQuality, report: dict, results: list[dict]) -> str:
         "# Quality benchmark (held-out extreme views of unseen procedural scenes)",
         "",
         f"Code: `{describe_code(code['current'])}`"
-        + ("" if len(code["stages"]) == 1 else f"; stages from {len(code['stages'])} code versions (--allow-mixed-code): "
-           + ", ".join(f"`{describe_code(v)}` ({len(v['stages'])} stages)" for v in code["stages"])),
+        + stage_sources(code["stages"], describe_code(code["current"]), "code versions (--allow-mixed-code)", describe_code),
         "",
         f"Machine: `{describe_machine(report['machine']['current'])}`"
-        + ("" if len(report["machine"]["stages"]) == 1 else f"; stages from {len(report['machine']['stages'])} machines: "
-           + ", ".join(f"`{describe_machine(m['machine'])}` ({len(m['stages'])} stages)" for m in report["machine"]["stages"]))
+        + stage_sources(report["machine"]["stages"], describe_machine(report["machine"]["current"]), "machines",
+                        lambda group: describe_machine(group["machine"]))
         + " (a CPU 3DGS run repeats bit for bit on one machine, not across machines)",
         "",
         f"Command: `{report['command']}`",

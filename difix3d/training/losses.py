@@ -165,11 +165,11 @@ class DifixLoss(nn.Module):
             if predicted_latent is None or target_latent is None:
                 raise ValueError("lambda_latent > 0 needs predicted_latent and target_latent")
             latent_value = F.mse_loss(predicted_latent.float(), target_latent.float())
-        l2 = F.mse_loss(prediction.float(), target.float())
-        pixel_value = l2
         if self.l2_form == "log-mse":
             per_image = (prediction.float() - target.float()).square().flatten(1).mean(dim=1)
-            pixel_value = torch.log10(per_image + LOG_MSE_FLOOR).mean()
+            l2, pixel_value = per_image.mean(), torch.log10(per_image + LOG_MSE_FLOOR).mean()
+        else:
+            l2 = pixel_value = F.mse_loss(prediction.float(), target.float())
         lpips_value, gram_value = zero, zero
         gram_active = self.lambda_gram > 0 and step >= self.gram_warmup_steps
         if self.lambda_lpips > 0 or gram_active:
