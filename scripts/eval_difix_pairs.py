@@ -7,6 +7,7 @@ The kind of a ground-truth pair is the kind of its pose (`difix3d.data.ground_tr
 pose) or `wide`; other strategies' pairs count as `other`. Prints a table and, with `--json`, writes
 the figures. `--ablations` also scores each model without its reference view and with its UNet
 silenced: how much of a fix comes from the reference, and how much from the UNet at all.
+`--bands SIGMA` scores each output's low and high frequencies apart (each over the input's other band).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -39,6 +41,10 @@ class EvalPairs:
     ablations: bool = False
     """Also score each model "<spec> no ref" (references dropped) and "<spec> UNet off" (the UNet's last
     conv zeroed, so it predicts no noise: what the decoder's adapters and skip convs do alone)."""
+    bands: float = 0.0
+    """If > 0, also score each model "<spec> low band" (its output's low frequencies over the input's
+    high ones; a Gaussian blur of this sigma, in pixels, splits them) and "<spec> high band" (the
+    converse): which frequencies a model's gains and costs sit in."""
 
 
 def pair_kind(pair_id: str) -> str:
@@ -52,6 +58,20 @@ def pair_kind(pair_id: str) -> str:
     if re.fullmatch(r"extreme_\d+_at_\d+", view):
         return "progressive"
     return view.split("_", 1)[0]
+
+
+def keep_band(output: torch.Tensor, image: torch.Tensor, sigma: float, band: str) -> torch.Tensor:
+    """`output`'s `band` ("low" or "high") frequencies over `image`'s other band, split by a Gaussian
+    blur of `sigma` pixels."""
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    size = 2 * math.ceil(3 * sigma) + 1
+
+    def low(x: torch.Tensor) -> torch.Tensor:
+        return gaussian_blur(x, [size, size], [sigma, sigma])
+
+    kept, other = (output, image) if band == "low" else (image, output)
+    return (low(kept) + other - low(other)).clamp(0, 1)
 
 
 def fix_with(model, image: torch.Tensor, ref: torch.Tensor | None, use_ref: bool) -> torch.Tensor:
@@ -78,12 +98,16 @@ def main(settings: EvalPairs) -> dict:
             torch.nn.init.zeros_(silenced.unet.conv_out.bias)
             fixers[f"{spec} no ref"] = functools.partial(fix_with, model, use_ref=False)
             fixers[f"{spec} UNet off"] = functools.partial(fix_with, silenced, use_ref=True)
+    banded = [(spec, band) for spec in models for band in ("low", "high")] if settings.bands > 0 else []
+    names = ["input", *fixers, *(f"{spec} {band} band" for spec, band in banded)]
     scores: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for pair in tqdm(pairs, desc="pairs", unit="pair"):
         image, target, ref = (None if t is None else t[None] for t in load_pair_images(pair))
         outputs = {"input": image.float()}
         for name, fix in fixers.items():
             outputs[name] = fix(image, ref).float().clamp(0, 1)
+        for spec, band in banded:
+            outputs[f"{spec} {band} band"] = keep_band(outputs[spec], outputs["input"], settings.bands, band)
         for name, output in outputs.items():
             measured = image_scores(output, target, lpips)
             for kind in (pair_kind(pair.id), "all"):
@@ -94,13 +118,12 @@ def main(settings: EvalPairs) -> dict:
                **{name: {metric: float(np.mean(values)) for metric, values in metrics.items()} for name, metrics in by_name.items()}}
         for kind, by_name in sorted(scores.items())
     }  # fmt: skip
-    names = ["input", *fixers]
     print(f"{'pairs':<12} {'n':>4}  " + "  ".join(f"{name[-28:]:>28}" for name in names))
     for kind, row in summary.items():
         cells = [f"{row[name]['psnr']:.2f} / {row[name]['ssim']:.3f} / {row[name].get('lpips', float('nan')):.3f}" for name in names]
         print(f"{kind:<12} {row['pairs']:>4}  " + "  ".join(f"{cell:>28}" for cell in cells))
     if settings.json is not None:
-        settings.json.write_text(json.dumps({"dataset": settings.dataset.name, "models": list(fixers), "summary": summary}, indent=1))
+        settings.json.write_text(json.dumps({"dataset": settings.dataset.name, "models": names[1:], "summary": summary}, indent=1))
     return summary
 
 

@@ -1,0 +1,58 @@
+"""`scripts/eval_difix_pairs.py`: per-kind scores of Difix models on a dataset's test pairs."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_difix_pairs.py"
+
+
+@pytest.fixture(scope="module")
+def eval_pairs():
+    spec = importlib.util.spec_from_file_location("eval_difix_pairs", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_bands_split_an_output_into_low_and_high_frequencies(eval_pairs):
+    generator = torch.Generator().manual_seed(0)
+    image = 0.4 + 0.2 * torch.rand(1, 3, 24, 32, generator=generator)
+    output = 0.4 + 0.2 * torch.rand(1, 3, 24, 32, generator=generator)
+    low = eval_pairs.keep_band(output, image, 2.0, "low")
+    high = eval_pairs.keep_band(output, image, 2.0, "high")
+    torch.testing.assert_close(low + high, output + image)
+    # A global brightness change is all low band: kept by "low", dropped by "high".
+    brighter = image + 0.05
+    torch.testing.assert_close(eval_pairs.keep_band(brighter, image, 2.0, "low"), brighter)
+    torch.testing.assert_close(eval_pairs.keep_band(brighter, image, 2.0, "high"), image)
+
+
+def test_scores_models_with_ablations_and_bands(eval_pairs, tmp_path):
+    rng = np.random.default_rng(0)
+    clean = rng.uniform(0.2, 0.8, (32, 32, 3))
+    images = {"in": np.clip(clean + rng.normal(0, 0.1, clean.shape), 0, 1), "gt": clean, "ref": np.roll(clean, 3, axis=1)}
+    for name, image in images.items():
+        iio.imwrite(tmp_path / f"{name}.png", (image * 255).astype(np.uint8))
+    pair = {"image": "in.png", "target_image": "gt.png", "ref_image": "ref.png", "prompt": "remove degradation"}
+    dataset = tmp_path / "data.json"
+    dataset.write_text(json.dumps({"train": {"p0": pair}, "test": {"t0": pair}}))
+
+    report = tmp_path / "scores.json"
+    settings = eval_pairs.EvalPairs(dataset=dataset, model=["random-tiny-architecture"], ablations=True, bands=2.0, json=report)
+    summary = eval_pairs.main(settings)
+
+    spec = "random-tiny-architecture"
+    expected = [f"{spec}", f"{spec} no ref", f"{spec} UNet off", f"{spec} low band", f"{spec} high band"]
+    assert json.loads(report.read_text())["models"] == expected
+    row = summary["other"]
+    assert row["pairs"] == 1 and set(row) == {"pairs", "input", *expected}
+    assert all(np.isfinite(row[name]["psnr"]) for name in ["input", *expected])
