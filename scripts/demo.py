@@ -48,7 +48,7 @@ class Demo:
     """Steps between fix rounds."""
     pose_step: float = 0.3
     """How far each fix round moves the pseudo poses (nerfstudio scales scenes into [-1, 1])."""
-    seed: int = 1002
+    seed: int = 1004
     """Scene seed. The default is the benchmark's typical evaluation scene: the one whose Difix3D+
     gain over plain 3DGS is nearest the benchmark's mean (not its best)."""
     train_seed: int = 0
@@ -119,7 +119,8 @@ def print_benchmark_means(demo: Demo, rows) -> None:
     same_scene = [scene for scene in report["scenes"] if scene["scene"] == f"eval_{demo.seed}"]
     if same_scene and demo.train_seed == report["summary"]["noise_floor"]["seeds"][0]:
         # The same runs, scored from the benchmark's saved PNGs: equal to the demo's up to 8-bit rounding.
-        print(f"\nThis scene in the benchmark ({same_scene[0]['scene']}, the same runs):")
+        print(f"\nThis scene in the benchmark ({same_scene[0]['scene']}, the same runs; "
+              "another machine's floating point can move CPU runs by a few tenths of a dB):")
         for label, method in zip([row[0] for row in rows], ("3dgs", "difix3d", "difix3d+")):
             scores = same_scene[0]["mean"][method]
             print_row(label, scores["psnr"], scores["ssim"], scores.get("lpips"))
