@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import imageio.v3 as iio
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_scene_content.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("check_scene_content", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from script_modules import load_script
 
 
 @pytest.mark.slow  # a whole scene with SfM
 def test_reports_registration_and_fit_and_reuses_finished_scenes(tmp_path):
-    script = _load_script()
+    script = load_script("check_scene_content")
     settings = script.CheckSceneContent(work=tmp_path / "work", out=tmp_path / "out", contents=["materials"], seeds=[1003], steps=3)
     (result,) = script.main(settings)
     assert (result["content"], result["seed"], result["registered"], result["views"]) == ("materials", 1003, 20, 20)

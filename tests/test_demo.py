@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 
+from script_modules import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_demo():
-    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_demo_ends_with_the_run_and_the_next_commands(tmp_path, monkeypatch, capsys):
-    demo = _load_demo()
+    demo = load_script("demo")
     output = tmp_path / "demo_output"
     scene = output / "scene"
     (scene / "sparse" / "0").mkdir(parents=True)

@@ -1,26 +1,18 @@
 """`scripts/eval_difix_pairs.py`: per-kind scores of Difix models on a dataset's test pairs."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_difix_pairs.py"
+from script_modules import load_script
 
 
 @pytest.fixture(scope="module")
 def eval_pairs():
-    spec = importlib.util.spec_from_file_location("eval_difix_pairs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    return load_script("eval_difix_pairs")
 
 
 def test_bands_split_an_output_into_low_and_high_frequencies(eval_pairs):

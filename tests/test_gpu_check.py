@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,19 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from script_modules import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _gpu_check_module():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_part_over_its_cap_is_killed_and_keeps_its_output(tmp_path) -> None:
-    gpu_check = _gpu_check_module()
+    gpu_check = load_script("gpu_check")
     command = [sys.executable, "-c", "import time; print('{\"row\": 1}', flush=True); time.sleep(60)"]
     part = gpu_check.Part("slow", command, cap_s=2, parse=gpu_check.json_lines)
     with (tmp_path / "log").open("w") as log:
