@@ -118,7 +118,7 @@ def print_benchmark_means(demo: Demo, rows) -> None:
         print_row(label, scores["psnr"]["mean"], scores["ssim"]["mean"], (scores.get("lpips") or {}).get("mean"))
     same_scene = [scene for scene in report["scenes"] if scene["scene"] == f"eval_{demo.seed}"]
     if same_scene and demo.train_seed == report["summary"]["noise_floor"]["seeds"][0]:
-        # The same runs, scored from the benchmark's saved PNGs: equal to the demo's up to 8-bit rounding.
+        # The same runs, scored from the benchmark's saved PNGs: on its machine, the demo's up to 8-bit rounding.
         print(f"\nThis scene in the benchmark ({same_scene[0]['scene']}, the same runs; "
               "another machine's floating point can move CPU runs by a few tenths of a dB):")
         for label, method in zip([row[0] for row in rows], ("3dgs", "difix3d", "difix3d+")):
