@@ -60,18 +60,18 @@ def pair_kind(pair_id: str) -> str:
     return view.split("_", 1)[0]
 
 
-def keep_band(output: torch.Tensor, image: torch.Tensor, sigma: float, band: str) -> torch.Tensor:
-    """`output`'s `band` ("low" or "high") frequencies over `image`'s other band, split by a Gaussian
-    blur of `sigma` pixels."""
+BANDS = ("low band", "high band")
+
+
+def band_swaps(output: torch.Tensor, image: torch.Tensor, sigma: float) -> dict[str, torch.Tensor]:
+    """`output` keeping only its low frequencies ("low band": over `image`'s high ones) and only its
+    high ones ("high band": over `image`'s low ones); a Gaussian blur of `sigma` pixels splits them."""
     from torchvision.transforms.v2.functional import gaussian_blur
 
     size = 2 * math.ceil(3 * sigma) + 1
-
-    def low(x: torch.Tensor) -> torch.Tensor:
-        return gaussian_blur(x, [size, size], [sigma, sigma])
-
-    kept, other = (output, image) if band == "low" else (image, output)
-    return (low(kept) + other - low(other)).clamp(0, 1)
+    low_output, low_image = (gaussian_blur(x, [size, size], [sigma, sigma]) for x in (output, image))
+    swaps = ((low_output + image - low_image), (low_image + output - low_output))
+    return {band: swapped.clamp(0, 1) for band, swapped in zip(BANDS, swaps)}
 
 
 def fix_with(model, image: torch.Tensor, ref: torch.Tensor | None, use_ref: bool) -> torch.Tensor:
@@ -98,16 +98,17 @@ def main(settings: EvalPairs) -> dict:
             torch.nn.init.zeros_(silenced.unet.conv_out.bias)
             fixers[f"{spec} no ref"] = functools.partial(fix_with, model, use_ref=False)
             fixers[f"{spec} UNet off"] = functools.partial(fix_with, silenced, use_ref=True)
-    banded = [(spec, band) for spec in models for band in ("low", "high")] if settings.bands > 0 else []
-    names = ["input", *fixers, *(f"{spec} {band} band" for spec, band in banded)]
+    banded = list(models) if settings.bands > 0 else []
+    names = ["input", *fixers, *(f"{spec} {band}" for spec in banded for band in BANDS)]
     scores: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for pair in tqdm(pairs, desc="pairs", unit="pair"):
         image, target, ref = (None if t is None else t[None] for t in load_pair_images(pair))
         outputs = {"input": image.float()}
         for name, fix in fixers.items():
             outputs[name] = fix(image, ref).float().clamp(0, 1)
-        for spec, band in banded:
-            outputs[f"{spec} {band} band"] = keep_band(outputs[spec], outputs["input"], settings.bands, band)
+        for spec in banded:
+            for band, swapped in band_swaps(outputs[spec], outputs["input"], settings.bands).items():
+                outputs[f"{spec} {band}"] = swapped
         for name, output in outputs.items():
             measured = image_scores(output, target, lpips)
             for kind in (pair_kind(pair.id), "all"):

@@ -19,13 +19,13 @@ def test_bands_split_an_output_into_low_and_high_frequencies(eval_pairs):
     generator = torch.Generator().manual_seed(0)
     image = 0.4 + 0.2 * torch.rand(1, 3, 24, 32, generator=generator)
     output = 0.4 + 0.2 * torch.rand(1, 3, 24, 32, generator=generator)
-    low = eval_pairs.keep_band(output, image, 2.0, "low")
-    high = eval_pairs.keep_band(output, image, 2.0, "high")
-    torch.testing.assert_close(low + high, output + image)
-    # A global brightness change is all low band: kept by "low", dropped by "high".
+    swaps = eval_pairs.band_swaps(output, image, 2.0)
+    torch.testing.assert_close(swaps["low band"] + swaps["high band"], output + image)
+    # A global brightness change is all low band: kept by "low band", dropped by "high band".
     brighter = image + 0.05
-    torch.testing.assert_close(eval_pairs.keep_band(brighter, image, 2.0, "low"), brighter)
-    torch.testing.assert_close(eval_pairs.keep_band(brighter, image, 2.0, "high"), image)
+    swaps = eval_pairs.band_swaps(brighter, image, 2.0)
+    torch.testing.assert_close(swaps["low band"], brighter)
+    torch.testing.assert_close(swaps["high band"], image)
 
 
 def test_scores_models_with_ablations_and_bands(eval_pairs, tmp_path):
