@@ -200,3 +200,30 @@ def test_latent_loss_term_trains_and_is_on_the_model_card(dataset, tmp_path):
     result = train(_config(dataset, tmp_path, steps=2, eval_every=0, checkpoint_every=2, lambda_latent=0.5, lambda_lpips=0, lambda_gram=0))
     assert result.final_step == 2
     assert "0.5·L2 of the UNet's latent" in (tmp_path / "README.md").read_text()
+
+
+def test_moving_average_is_what_is_saved_and_resumes_exactly(full_run, dataset, tmp_path):
+    """--ema-decay: training itself is unchanged, the saved model is the average, and a resumed run
+    ends with the same average as an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    _, uninterrupted = full_run
+    decay = 0.8
+    whole = train(_config(dataset, tmp_path / "whole", steps=6, ema_decay=decay, checkpoint_every=1, keep_checkpoints=10))
+    assert whole.losses == uninterrupted.losses[:6]
+    steps = [load_file(path / "trainable.safetensors") for path in sorted((tmp_path / "whole" / "checkpoints").iterdir())]
+    expected = dict(steps[0])  # the first update takes the weights as they are
+    for weights in steps[1:]:
+        expected = {name: decay * expected[name] + (1 - decay) * weights[name] for name in expected}
+    saved = load_difix(tmp_path / "whole").state_dict()
+    assert all(torch.allclose(saved[name], expected[name], atol=1e-6) for name in expected)
+    assert any(not torch.equal(saved[name], steps[-1][name]) for name in expected)
+    assert "moving average of the trained weights, decay 0.8" in (tmp_path / "whole" / "README.md").read_text()
+
+    train(_config(dataset, tmp_path / "resumed", steps=4, ema_decay=decay))
+    train(_config(dataset, tmp_path / "resumed", steps=6, ema_decay=decay, resume=True))
+    resumed = load_difix(tmp_path / "resumed").state_dict()
+    assert all(torch.equal(resumed[name], saved[name]) for name in saved)
+    with pytest.raises(Difix3DError, match="--ema-decay"):
+        train(_config(dataset, tmp_path / "bad", ema_decay=1.0))

@@ -20,8 +20,9 @@ epoch), gradients are averaged, and only the main process writes files (checkpoi
 TensorBoard, final model and card), logs and shows progress; the others wait at barriers.
 
 Output folder: `checkpoints/step-XXXXXXXX/` (trainable weights, optimizer, step, every process's RNG
-state as JSON; written to a temporary folder and renamed, so a crash never leaves a half checkpoint;
-on multi-node runs the folder must be on a shared file system), `eval/step-XXXXXXXX.png` grids
+state as JSON, and with `--ema-decay` the moving average of the weights; written to a temporary
+folder and renamed, so a crash never leaves a half checkpoint; on multi-node runs the folder must be
+on a shared file system), `eval/step-XXXXXXXX.png` grids
 (input | output | target | reference), `eval/metrics.jsonl`, `tensorboard/`, and at the end the model
 itself (`save_pretrained`, loadable with `load_difix(OUTPUT)`) with its model card `README.md`.
 `--resume` continues bit for bit when run with the same number of processes.
@@ -29,6 +30,7 @@ itself (`save_pretrained`, loadable with `load_difix(OUTPUT)`) with its model ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -62,6 +64,7 @@ _ASPECT_TOLERANCE = 0.01
 _MAX_MISSING_LISTED = 5
 _GRID_TILE_HEIGHT = 256
 RNG_STATES_FILE = "rng_states.json"
+EMA_FILE = "ema.safetensors"
 
 
 @dataclass
@@ -89,6 +92,12 @@ class TrainConfig:
     identity start of from-scratch architectures) learns slowly next to the decoder's adapters."""
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    ema_decay: float = 0.0
+    """If > 0: keep an exponential moving average of the trained weights (diffusers' `EMAModel` at
+    this constant decay, from the first step: a fine-tune starts from good weights), and evaluate and
+    save it instead of the last step's weights; it averages about the last 1 / (1 - decay) steps. 0:
+    the last step's weights (the release's recipe). A batch-1 run's weights wander from step to step;
+    their average sits nearer the middle (not in the paper)."""
     lambda_l2: float = 1.0
     l2_form: L2Form = "mse"
     """"mse": the paper's L2. "log-mse": each image's log10 MSE (-PSNR/10), which weighs a pair by the
@@ -389,6 +398,7 @@ class DifixTrainer:
         if resume_from is not None:
             self.step = self._load_checkpoint(resume_from, model, optimizer)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.ema = self._make_ema(resume_from)
 
         self.crop = effective_crop(self.splits["train"], config.crop_size)
         dataset = CropDataset(self.splits["train"], self.crop, config.seed)
@@ -436,6 +446,8 @@ class DifixTrainer:
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step([parameter for _, parameter in self._trained()])
         self.step += 1
         names = [f.name for f in dataclasses.fields(LossTerms)]
         reduced = LossTerms(**{n: self.accelerator.reduce(getattr(terms, n).detach().float(), "mean") for n in names})
@@ -480,40 +492,47 @@ class DifixTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """PSNR/SSIM (+ LPIPS when its weights are present) on the first test pairs, a grid PNG and logs.
+        """PSNR/SSIM (+ LPIPS when its weights are present) on the first test pairs, a grid PNG and logs,
+        of the weights that will be saved (the moving average with `--ema-decay`).
 
         Runs on the main process; the others wait. Returns the metrics (empty without a test split).
         """
         metrics: dict[str, Any] = {}
         pairs = self.splits["test"][: self.config.eval_max_pairs]
         if self._is_main and pairs:
-            model = self.accelerator.unwrap_model(self.model)
-            model.eval()
-            # The input's scores too: a Difix is only worth its difference to what it was given.
-            scores: dict[str, list[float]] = {f"{prefix}{name}": [] for prefix in ("", "input_") for name in ("psnr", "ssim", "lpips")}
-            rows = []
-            for pair in pairs:
-                image, target, ref = (None if t is None else t[None].to(self.device) for t in load_pair_images(pair))
-                with self.accelerator.autocast():
-                    output = model.fix(image, refs=ref).float().clamp(0, 1)
-                for prefix, scored in (("", output), ("input_", image.float())):
-                    for name, value in image_scores(scored, target, self.lpips_metric).items():
-                        scores[f"{prefix}{name}"].append(value)
-                if len(rows) < self.config.grid_rows:
-                    rows.append([image, output, target, ref])
-            metrics = {"step": self.step, "pairs": len(pairs), "lpips_net": self.config.eval_lpips_net}
-            metrics.update({name: float(np.mean(values)) for name, values in scores.items() if values})
-            grid_path = self.output / "eval" / f"step-{self.step:08d}.png"
-            save_image(grid_path, _grid(rows))
-            with (self.output / "eval" / "metrics.jsonl").open("a") as log:
-                log.write(json.dumps(metrics) + "\n")
-            if self.writer is not None:
-                for name in ("psnr", "ssim", "lpips", "input_psnr", "input_ssim", "input_lpips"):
-                    if name in metrics:
-                        self.writer.add_scalar(f"eval/{name}", metrics[name], self.step)
-                self.writer.add_image("eval/grid", iio.imread(grid_path), self.step, dataformats="HWC")
-            logger.info("step %d eval: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            with self._weights_to_save():
+                metrics = self._evaluate_pairs(pairs)
         self.accelerator.wait_for_everyone()
+        return metrics
+
+    def _evaluate_pairs(self, pairs: list[Pair]) -> dict[str, Any]:
+        """Scores, grid and logs of `pairs` (main process only)."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        # The input's scores too: a Difix is only worth its difference to what it was given.
+        scores: dict[str, list[float]] = {f"{prefix}{name}": [] for prefix in ("", "input_") for name in ("psnr", "ssim", "lpips")}
+        rows = []
+        for pair in pairs:
+            image, target, ref = (None if t is None else t[None].to(self.device) for t in load_pair_images(pair))
+            with self.accelerator.autocast():
+                output = model.fix(image, refs=ref).float().clamp(0, 1)
+            for prefix, scored in (("", output), ("input_", image.float())):
+                for name, value in image_scores(scored, target, self.lpips_metric).items():
+                    scores[f"{prefix}{name}"].append(value)
+            if len(rows) < self.config.grid_rows:
+                rows.append([image, output, target, ref])
+        metrics = {"step": self.step, "pairs": len(pairs), "lpips_net": self.config.eval_lpips_net}
+        metrics.update({name: float(np.mean(values)) for name, values in scores.items() if values})
+        grid_path = self.output / "eval" / f"step-{self.step:08d}.png"
+        save_image(grid_path, _grid(rows))
+        with (self.output / "eval" / "metrics.jsonl").open("a") as log:
+            log.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for name in ("psnr", "ssim", "lpips", "input_psnr", "input_ssim", "input_lpips"):
+                if name in metrics:
+                    self.writer.add_scalar(f"eval/{name}", metrics[name], self.step)
+            self.writer.add_image("eval/grid", iio.imread(grid_path), self.step, dataformats="HWC")
+        logger.info("step %d eval: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         return metrics
 
     # --------------------------------------------------------------------------- checkpoints
@@ -532,11 +551,15 @@ class DifixTrainer:
             model = self.accelerator.unwrap_model(self.model)
             trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if n in self.trainable_names}
             save_file(trainable, staging / "trainable.safetensors")
+            if self.ema is not None:
+                save_file({name: shadow.contiguous() for (name, _), shadow in zip(self._trained(), self.ema.shadow_params)},
+                          staging / EMA_FILE)  # fmt: skip
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             if self.accelerator.scaler is not None:
                 torch.save(self.accelerator.scaler.state_dict(), staging / "grad_scaler.pt")
             (staging / RNG_STATES_FILE).write_text(json.dumps({"processes": rng_states}))
-            state = {"step": self.step, "model": self.config.model, "num_processes": self.accelerator.num_processes}
+            state = {"step": self.step, "model": self.config.model, "num_processes": self.accelerator.num_processes,
+                     "ema_updates": None if self.ema is None else self.ema.optimization_step}  # fmt: skip
             (staging / "state.json").write_text(json.dumps(state, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
@@ -558,6 +581,45 @@ class DifixTrainer:
                 "pass --resume to continue, or choose another --output"
             )
         return None
+
+    def _trained(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trained parameters by name, in the model's order."""
+        model = self.accelerator.unwrap_model(self.model)
+        return [(name, parameter) for name, parameter in model.named_parameters() if name in self.trainable_names]
+
+    def _make_ema(self, resume_from: Path | None):
+        """The moving average of the trained weights (`--ema-decay`), resumed with the run; or None."""
+        if self.config.ema_decay <= 0:
+            return None
+        from diffusers.training_utils import EMAModel
+
+        decay = self.config.ema_decay
+        trained = self._trained()
+        ema = EMAModel([parameter for _, parameter in trained], decay=decay, min_decay=decay)  # constant decay: no warm-up
+        if resume_from is None:
+            return ema
+        if not (resume_from / EMA_FILE).is_file():
+            logger.info("%s holds no moving average of the weights: the average starts from its weights", resume_from)
+            return ema
+        saved = load_file(resume_from / EMA_FILE)
+        ema.shadow_params = [saved[name].to(parameter.device) for name, parameter in trained]
+        ema.optimization_step = int(json.loads((resume_from / "state.json").read_text())["ema_updates"])
+        return ema
+
+    @contextlib.contextmanager
+    def _weights_to_save(self):
+        """Within the block the model holds the weights that are evaluated and saved: the moving
+        average with `--ema-decay`, else the last step's; training's own weights come back after it."""
+        if self.ema is None:
+            yield
+            return
+        parameters = [parameter for _, parameter in self._trained()]
+        self.ema.store(parameters)
+        self.ema.copy_to(parameters)
+        try:
+            yield
+        finally:
+            self.ema.restore(parameters)
 
     def _learning_rates(self) -> tuple[float, float]:
         """(the UNet's, the decoder adapters') learning rates: the optimizer's two parameter groups."""
@@ -626,8 +688,8 @@ class DifixTrainer:
 
         self.accelerator.wait_for_everyone()
         if self._is_main:
-            model = self.accelerator.unwrap_model(self.model)
-            save_pretrained(model, self.output)
+            with self._weights_to_save():
+                save_pretrained(self.accelerator.unwrap_model(self.model), self.output)
             (self.output / "README.md").write_text(self._model_card(result))
             logger.info("model saved to %s", self.output)
         if self.writer is not None:
@@ -669,6 +731,7 @@ Paths are relative to this folder.
 random {self.crop[0]}x{self.crop[1]} crops
 - **Processes**: {self.accelerator.num_processes}; effective batch size {config.batch_size * self.accelerator.num_processes} \
 pairs per step ({config.batch_size} per process)
+- **Weights**: {"the last step's" if self.ema is None else f"exponential moving average of the trained weights, decay {config.ema_decay:g} (about the last {round(1 / (1 - config.ema_decay)):,} steps; {self.ema.optimization_step:,} updates)"}
 - **Optimizer**: AdamW, lr {config.learning_rate:g}{"" if config.unet_learning_rate is None else f" (UNet {config.unet_learning_rate:g})"}, weight decay {config.weight_decay:g}, grad-norm clip {config.max_grad_norm:g}
 - **Precision**: {"fp32" if self.accelerator.mixed_precision == "no" else self.accelerator.mixed_precision + " mixed precision"}; gradient checkpointing {"on" if config.gradient_checkpointing else "off"}
 - **Trained**: UNet (all weights), VAE decoder LoRA and skip convs; VAE encoder frozen
@@ -741,6 +804,8 @@ def _check_config(config: TrainConfig) -> None:
         raise Difix3DError(f"--unet-learning-rate must be positive, got {config.unet_learning_rate}")
     if min(config.lambda_l2, config.lambda_lpips, config.lambda_gram, config.lambda_latent) < 0:
         raise Difix3DError("loss weights (--lambda-*) must not be negative")
+    if not 0 <= config.ema_decay < 1:
+        raise Difix3DError(f"--ema-decay must be in [0, 1) (0: no moving average), got {config.ema_decay}")
 
 
 def _cpu_only() -> bool:
