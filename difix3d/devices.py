@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -22,3 +24,16 @@ def resolve_dtype(name: DtypeName, device: torch.device | str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """What a benchmark report names the machine by: the GPU's name on CUDA, else the CPU's model name
+    (Linux's /proc/cpuinfo; `platform.processor()` is often empty there), else the architecture."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "cpu"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import platform
 import statistics
 import threading
 import time
@@ -31,7 +30,7 @@ import torch
 import tyro
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from difix3d.devices import DTYPES
+from difix3d.devices import DTYPES, device_name
 from difix3d.models.difix import Difix
 from difix3d.runtime import configure_cpu_runtime
 
@@ -188,7 +187,7 @@ def main(args: Args) -> None:
     results = [row for name in models for row in _bench_model(name, args, device)]
     report = dict(
         benchmark="difix",
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        device=device_name(device),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         weights="random (timing only)",

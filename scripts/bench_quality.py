@@ -70,6 +70,7 @@ import tyro
 from tqdm import tqdm
 
 from difix3d.data.seeds import EVALUATION_SEEDS
+from difix3d.devices import device_name
 from difix3d.errors import Difix3DError
 from difix3d.images import from_uint8, to_uint8
 from nerfstudio_plugin import runner as nerfstudio_runner
@@ -254,12 +255,7 @@ def code_version() -> dict:
 def machine_description() -> dict:
     """The machine that runs now. The figures depend on it: a CPU 3DGS run repeats bit for bit on one
     machine but diverges on another (floating point), by as much as a change of training seed."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "torch": torch.__version__}
+    return {"cpu": device_name("cpu"), "cores": os.cpu_count(), "system": platform.system(), "torch": torch.__version__}
 
 
 def describe_machine(machine: dict | None) -> str:

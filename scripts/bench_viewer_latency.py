@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import tyro
+
+from difix3d.devices import device_name
 
 
 @dataclass
@@ -150,7 +151,7 @@ def main(args: Args) -> None:
         median_ms = {name: round(1000 * statistics.median(values), 1) for name, values in times.items()}
         report = {
             "device": str(model.device),
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": device_name("cpu"),
             "torch_threads": torch.get_num_threads(),
             "difix": config.pipeline.difix.model,
             "gaussians": int(model.num_points),

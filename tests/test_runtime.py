@@ -87,3 +87,10 @@ def test_ns_train_methods_set_cpu_threads_in_their_trainer_not_the_pipeline(monk
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_device_name_names_the_cpu():
+    from difix3d.devices import device_name
+
+    name = device_name("cpu")
+    assert isinstance(name, str) and name.strip() == name and name
