@@ -314,3 +314,13 @@ def test_cli_materials_scene_registers_every_view(tmp_path):
     main(["scene", "--out", str(out), "--seed", "1003", "--content", "materials"])
     assert load_ground_truth(out).layout.content == "materials"
     assert pycolmap.Reconstruction(str(out / "sparse" / "0")).num_reg_images() == 20
+
+
+@pytest.mark.slow  # a whole scene with SfM
+def test_scene_whose_first_sfm_model_stalls_registers_every_view(tmp_path):
+    """Seed 1007's best initial pair sees one plane; its first model stops at 2 images and the
+    mapper must start another from the images left."""
+    import pycolmap
+
+    build_scene(tmp_path / "scene", seed=1007, log=_quiet)
+    assert pycolmap.Reconstruction(str(tmp_path / "scene" / "sparse" / "0")).num_reg_images() == 20

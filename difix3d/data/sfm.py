@@ -76,8 +76,12 @@ def _reconstruct(image_dir: Path, work_dir: Path, intrinsics: Intrinsics, seed: 
     log(f"SfM: matched all image pairs ({time.perf_counter() - started:.1f} s)")
 
     # The renderer's calibration is exact, so SfM estimates poses and structure with it held fixed.
+    # multiple_models (COLMAP's default): when the first model cannot grow, e.g. from an initial pair
+    # that sees one plane (the benchmark generator's seed 1007: 2 of 20 images), the mapper starts
+    # another from the images left; the largest model is kept. A first model that takes every image
+    # ends the mapping as before.
     mapping = pycolmap.IncrementalPipelineOptions(
-        num_threads=1, random_seed=seed, multiple_models=False, ba_refine_focal_length=False
+        num_threads=1, random_seed=seed, multiple_models=True, ba_refine_focal_length=False
     )
     mapping.mapper.abs_pose_refine_focal_length = False
     mapping.mapper.num_threads = 1
