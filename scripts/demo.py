@@ -48,7 +48,7 @@ class Demo:
     """Steps between fix rounds."""
     pose_step: float = 0.3
     """How far each fix round moves the pseudo poses (nerfstudio scales scenes into [-1, 1])."""
-    seed: int = 1004
+    seed: int = 1000
     """Scene seed. The default is the benchmark's typical evaluation scene: the one whose Difix3D+
     gain over plain 3DGS is nearest the benchmark's mean (not its best)."""
     train_seed: int = 0

@@ -46,7 +46,7 @@ def test_demo_ends_with_the_run_and_the_next_commands(tmp_path, monkeypatch, cap
     assert "The benchmark's means over 6 held-out scenes" in printed and "aaaaaaaaaaaa" in printed
     assert "Difix3D+     15.50  0.6000  0.2000" in printed
     # The demo's runs are the benchmark's seed-0 runs of its scene: that scene's row is shown too.
-    assert "This scene in the benchmark (eval_1004, the same runs; " in printed and "a few tenths of a dB" in printed
+    assert f"This scene in the benchmark (eval_{demo.Demo(output=output).seed}, the same runs; " in printed and "a few tenths of a dB" in printed
     assert "Difix3D+     17.25  0.6250  0.2500" in printed
     config = output / "runs" / "difix3d" / "difix3d-gs" / "run" / "config.yml"
     assert f"The Difix3D run: {config}" in printed
