@@ -23,6 +23,7 @@ import imageio.v3 as iio
 import numpy as np
 import tyro
 
+from difix3d.data.scenes import GROUND_TRUTH_FILE
 from difix3d.errors import Difix3DError
 from difix3d.images import column_labels
 from difix3d.imagenet_weights import missing_weights_message
@@ -126,10 +127,17 @@ def print_benchmark_means(demo: Demo, rows) -> None:
             print_row(label, scores["psnr"], scores["ssim"], scores.get("lpips"))
 
 
+def scene_seed(scene: Path) -> int | None:
+    """The seed of the procedural scene in `scene`, or None when there is no finished scene there."""
+    if not (scene / "sparse" / "0").is_dir() or not (scene / GROUND_TRUTH_FILE).is_file():
+        return None
+    return int(json.loads((scene / GROUND_TRUTH_FILE).read_text())["seed"])
+
+
 def main(demo: Demo) -> None:
     started = time.time()
     scene = demo.output / "scene"
-    if not (scene / "sparse" / "0").is_dir():
+    if scene_seed(scene) != demo.seed:  # a scene left by a run with another seed is not this demo's
         run([BIN / "difix3d", "scene", "--out", scene, "--seed", demo.seed, "--overwrite"])
     shutil.rmtree(demo.output / "runs", ignore_errors=True)
     notes = {

@@ -20,6 +20,7 @@ def test_demo_ends_with_the_run_and_the_next_commands(tmp_path, monkeypatch, cap
     scene = output / "scene"
     (scene / "sparse" / "0").mkdir(parents=True)
     (scene / "images").mkdir()
+    (scene / "ground_truth.json").write_text(json.dumps({"seed": demo.Demo(output=output).seed}))
     iio.imwrite(scene / "images" / "frame_eval_0000.png", np.full((30, 40, 3), 90, dtype=np.uint8))
 
     def fake_train_render_eval(settings, scene_dir, name, *method_args):
@@ -67,3 +68,24 @@ def test_readme_commands_leave_git_status_clean():
     written = ["data/room/images/a.png", "output.json", "renders/test/rgb/a.jpg", "outputs/x/config.yml"]
     result = subprocess.run(["git", "check-ignore", *written], cwd=ROOT, capture_output=True, text=True)
     assert result.stdout.split() == written
+
+
+def test_demo_rebuilds_a_scene_left_with_another_seed(tmp_path, monkeypatch):
+    demo = load_script("demo")
+    scene = tmp_path / "scene"
+    (scene / "sparse" / "0").mkdir(parents=True)
+    (scene / "ground_truth.json").write_text(json.dumps({"seed": 7}))
+    assert demo.scene_seed(scene) == 7 and demo.scene_seed(tmp_path / "missing") is None
+    commands = []
+
+    def stop_after_the_scene(command):
+        commands.append([str(part) for part in command])
+        raise SystemExit
+
+    monkeypatch.setattr(demo, "run", stop_after_the_scene)
+    settings = demo.Demo(output=tmp_path)
+    try:
+        demo.main(settings)
+    except SystemExit:
+        pass
+    assert commands[0][1:] == ["scene", "--out", str(scene), "--seed", str(settings.seed), "--overwrite"]
