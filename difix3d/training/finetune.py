@@ -95,9 +95,10 @@ class TrainConfig:
     ema_decay: float = 0.0
     """If > 0: keep an exponential moving average of the trained weights (diffusers' `EMAModel` at
     this constant decay, from the first step: a fine-tune starts from good weights), and evaluate and
-    save it instead of the last step's weights; it averages about the last 1 / (1 - decay) steps. 0:
-    the last step's weights (the release's recipe). A batch-1 run's weights wander from step to step;
-    their average sits nearer the middle (not in the paper)."""
+    save it instead of the last step's weights; it averages about the last 1 / (1 - decay) steps and
+    holds one more copy of the trained weights in device memory. 0: the last step's weights (the
+    release's recipe). A batch-1 run's weights wander from step to step; their average sits nearer
+    the middle (not in the paper)."""
     lambda_l2: float = 1.0
     l2_form: L2Form = "mse"
     """"mse": the paper's L2. "log-mse": each image's log10 MSE (-PSNR/10), which weighs a pair by the
