@@ -20,7 +20,7 @@ from test_training import _write_pair
 
 from difix3d.training.finetune import CropDataset, Pair, StreamSampler, _rng_state, _set_rng_state
 
-CHECKPOINT_FILES = ["optimizer.pt", "rng_states.json", "state.json", "trainable.safetensors"]
+CHECKPOINT_FILES = ["ema.safetensors", "optimizer.pt", "rng_states.json", "state.json", "trainable.safetensors"]
 
 
 def _positions(process_index: int, num_processes: int, batch_size: int, steps: int) -> list[int]:
@@ -104,7 +104,7 @@ def test_two_processes_train_checkpoint_once_and_resume_exactly(tmp_path):
     # The README's recipe for CPU processes.
     full = tmp_path / "full"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
-    log = _finish([_launch([*torchrun, *_train_args(dataset, full)])])
+    log = _finish([_launch([*torchrun, *_train_args(dataset, full, "--ema-decay", "0.5")])])
 
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     for checkpoint in (full / "checkpoints").iterdir():
@@ -114,6 +114,7 @@ def test_two_processes_train_checkpoint_once_and_resume_exactly(tmp_path):
     assert [p.relative_to(full).as_posix() for p in full.rglob("README.md")] == ["README.md"]
     card = (full / "README.md").read_text()
     assert "**Processes**: 2; effective batch size 2 pairs per step" in card
+    assert "moving average of the trained weights, decay 0.5" in card
     assert sorted(p.name for p in (full / "eval").iterdir()) == ["metrics.jsonl", "step-00000006.png"]
     assert len((full / "eval" / "metrics.jsonl").read_text().splitlines()) == 1
     assert len(list((full / "tensorboard").iterdir())) == 1
@@ -130,10 +131,15 @@ def test_two_processes_train_checkpoint_once_and_resume_exactly(tmp_path):
         _launch([
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
             "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-            "--main_process_port", port, *_train_args(dataset, resumed, "--resume"),
+            "--main_process_port", port, *_train_args(dataset, resumed, "--resume", "--ema-decay", "0.5"),
         ])  # fmt: skip
         for rank in range(2)
     ]
     _finish(nodes)
     assert _losses(resumed) == {step: uninterrupted[step] for step in (4, 5, 6)}
+    # The moving average resumes with the run: the saved models are the same.
+    from safetensors.torch import load_file
+
+    saved, saved_resumed = (load_file(folder / "model.safetensors") for folder in (full, resumed))
+    assert all(torch.equal(saved[name], saved_resumed[name]) for name in saved)
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
