@@ -399,6 +399,9 @@ class DifixTrainer:
         if resume_from is not None:
             self.step = self._load_checkpoint(resume_from, model, optimizer)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # The trained parameters by name, in the model's order (the same objects for the whole run).
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self.trained = [(name, parameter) for name, parameter in unwrapped.named_parameters() if name in self.trainable_names]
         self.ema = self._make_ema(resume_from)
 
         self.crop = effective_crop(self.splits["train"], config.crop_size)
@@ -448,7 +451,7 @@ class DifixTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.step([parameter for _, parameter in self._trained()])
+            self.ema.step([parameter for _, parameter in self.trained])
         self.step += 1
         names = [f.name for f in dataclasses.fields(LossTerms)]
         reduced = LossTerms(**{n: self.accelerator.reduce(getattr(terms, n).detach().float(), "mean") for n in names})
@@ -549,11 +552,10 @@ class DifixTrainer:
             staging = self.checkpoint_dir / f".tmp-step-{self.step:08d}"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            model = self.accelerator.unwrap_model(self.model)
-            trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if n in self.trainable_names}
+            trainable = {name: parameter.detach().contiguous() for name, parameter in self.trained}
             save_file(trainable, staging / "trainable.safetensors")
             if self.ema is not None:
-                save_file({name: shadow.contiguous() for (name, _), shadow in zip(self._trained(), self.ema.shadow_params)},
+                save_file({name: shadow.contiguous() for (name, _), shadow in zip(self.trained, self.ema.shadow_params)},
                           staging / EMA_FILE)  # fmt: skip
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             if self.accelerator.scaler is not None:
@@ -583,11 +585,6 @@ class DifixTrainer:
             )
         return None
 
-    def _trained(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The trained parameters by name, in the model's order."""
-        model = self.accelerator.unwrap_model(self.model)
-        return [(name, parameter) for name, parameter in model.named_parameters() if name in self.trainable_names]
-
     def _make_ema(self, resume_from: Path | None):
         """The moving average of the trained weights (`--ema-decay`), resumed with the run; or None."""
         if self.config.ema_decay <= 0:
@@ -595,15 +592,14 @@ class DifixTrainer:
         from diffusers.training_utils import EMAModel
 
         decay = self.config.ema_decay
-        trained = self._trained()
-        ema = EMAModel([parameter for _, parameter in trained], decay=decay, min_decay=decay)  # constant decay: no warm-up
+        ema = EMAModel([parameter for _, parameter in self.trained], decay=decay, min_decay=decay)  # constant decay: no warm-up
         if resume_from is None:
             return ema
         if not (resume_from / EMA_FILE).is_file():
             logger.info("%s holds no moving average of the weights: the average starts from its weights", resume_from)
             return ema
         saved = load_file(resume_from / EMA_FILE)
-        ema.shadow_params = [saved[name].to(parameter.device) for name, parameter in trained]
+        ema.shadow_params = [saved[name].to(parameter.device) for name, parameter in self.trained]
         ema.optimization_step = int(json.loads((resume_from / "state.json").read_text())["ema_updates"])
         return ema
 
@@ -614,7 +610,7 @@ class DifixTrainer:
         if self.ema is None:
             yield
             return
-        parameters = [parameter for _, parameter in self._trained()]
+        parameters = [parameter for _, parameter in self.trained]
         self.ema.store(parameters)
         self.ema.copy_to(parameters)
         try:
