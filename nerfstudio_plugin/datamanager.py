@@ -72,7 +72,8 @@ class Difix3DDatamanager(FullImageDatamanager):
         if pseudo is None:
             return super().next_train(step)
         if pseudo.index not in self._pseudo_batches:
-            batch = {"image": pseudo.image, "mask": pseudo.mask.float(), "loss_weight": pseudo.loss_weight}
+            batch = {"image": pseudo.image, "mask": pseudo.mask.float(), "loss_weight": pseudo.loss_weight,
+                     "loss_downsample": pseudo.loss_downsample}  # fmt: skip
             self._pseudo_batches[pseudo.index] = (self.camera_at(pseudo.pose, pseudo.intrinsics_of), batch)
         camera, batch = self._pseudo_batches[pseudo.index]
         return camera.to(self.device), {**batch, "image": batch["image"].to(self.device)}

@@ -7,7 +7,8 @@ Differences from nerfstudio's SplatfactoModel, and why:
   puts them on CUDA) and `difix3d.metrics.LPIPSMetric("alex")` as LPIPS instead of torchmetrics'
   (which downloads AlexNet at construction): the same LPIPS v0.1, with ImageNet weights from
   `difix3d.imagenet_weights`, never downloaded; where they are missing LPIPS is left out (logged);
-- pseudo-view batches carry a `mask` (applied by the parent) and a `loss_weight` (applied here);
+- pseudo-view batches carry a `mask` (applied by the parent) and a `loss_weight` (applied here), and
+  with a `loss_downsample` > 1 their photometric loss compares the pooled images (`downsample_for_loss`);
 - `get_outputs_for_camera` adds `rgb_enhanced`: Difix on the render, referenced by the nearest
   training image(s) — the "+" of Difix3D+, computed only when read (`enhanced_outputs`).
 """
@@ -27,6 +28,7 @@ from nerfstudio.models.splatfacto import (
 from nerfstudio.utils.colors import get_color
 from pytorch_msssim import SSIM
 
+from difix3d.core.steps import downsample_for_loss
 from difix3d.images import from_uint8
 from difix3d.metrics import LPIPSMetric
 from difix3d.rendering.gaussians import EVAL_BACKGROUND
@@ -201,6 +203,14 @@ class Difix3DGSModel(EnhancedRenders, SplatfactoModel):
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+        factor = batch.get("loss_downsample", 1)
+        if factor > 1:  # the parent's photometric loss, on the masked images pooled
+            mask = self._downscale_if_required(batch["mask"]).to(self.device)
+            gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+            gt, pred = (downsample_for_loss(image * mask, factor) for image in (gt, outputs["rgb"]))
+            l1 = torch.abs(gt - pred).mean()
+            ssim_loss = 1 - self.ssim(gt.permute(2, 0, 1)[None], pred.permute(2, 0, 1)[None])
+            loss_dict["main_loss"] = (1 - self.config.ssim_lambda) * l1 + self.config.ssim_lambda * ssim_loss
         if "loss_weight" in batch:  # pseudo views weigh less (their mask was applied by the parent)
             loss_dict["main_loss"] = loss_dict["main_loss"] * batch["loss_weight"]
         return loss_dict

@@ -228,5 +228,13 @@ class Difix3DNerfactoPipeline(Difix3DPipeline):
     datamanager: Difix3DRayDatamanager
     _model: Difix3DNerfactoModel
 
+    def __init__(self, config: Difix3DNerfactoPipelineConfig, device: str, *args: Any, **kwargs: Any) -> None:
+        if config.progressive.pseudo_view_loss_downsample != 1:
+            raise Difix3DError(
+                "difix3d-nerfacto trains on rays, not whole images, so it cannot pool a pseudo view: "
+                "leave --pipeline.progressive.pseudo-view-loss-downsample at 1 (or use difix3d-gs)"
+            )
+        super().__init__(config, device, *args, **kwargs)
+
     def render_camera(self, camera: Cameras) -> Dict[str, torch.Tensor]:
         return self.model.get_outputs_for_camera_ray_bundle(camera.generate_rays(camera_indices=0, keep_shape=True))

@@ -129,6 +129,8 @@ class BenchQuality:
     pose_step: float = 0.3
     """Progressive pose step in nerfstudio's normalised scene units (scenes span about [-1, 1])."""
     pseudo_view_prob: float = 0.3
+    pseudo_view_loss_downsample: int = 1
+    """Difix3D compares each pseudo view with its render after pooling both by this factor (1: the release)."""
     jobs: int = 2
     """Evaluation scenes run at once, each subprocess with `threads` threads (2 on 2 cores: about half
     the time of 1 when nothing else runs)."""
@@ -480,7 +482,8 @@ def evaluate_scene(bench: BenchQuality, book: StageBook, scene: Path, scene_reco
         log(f"{scene.name}: Difix3D, training seed {seed}, {bench.steps} steps")
         method = ["--pipeline.difix.model", difix_spec,
                   "--pipeline.progressive.fix-start", bench.fix_start, "--pipeline.progressive.steps-per-fix", bench.steps_per_fix,
-                  "--pipeline.progressive.pose-step", bench.pose_step, "--pipeline.progressive.pseudo-view-prob", bench.pseudo_view_prob]  # fmt: skip
+                  "--pipeline.progressive.pose-step", bench.pose_step, "--pipeline.progressive.pseudo-view-prob", bench.pseudo_view_prob,
+                  "--pipeline.progressive.pseudo-view-loss-downsample", bench.pseudo_view_loss_downsample]  # fmt: skip
         train_and_render(bench, scene, runs.difix3d / "run", seed, method, "test", ["rgb", "rgb_enhanced"], runs.difix3d / "renders")
         step = bench.fix_start - 1
         identical = same_checkpoints(checkpoint_path(plain / "run", step), checkpoint_path(runs.difix3d / "run", step))
@@ -492,6 +495,8 @@ def evaluate_scene(bench: BenchQuality, book: StageBook, scene: Path, scene_reco
         "difix": difix_id, "train_seed": seed, "steps": bench.steps, "fix_start": bench.fix_start,
         "steps_per_fix": bench.steps_per_fix, "pose_step": bench.pose_step, "pseudo_view_prob": bench.pseudo_view_prob,
     }  # fmt: skip
+    if bench.pseudo_view_loss_downsample != 1:  # recorded only when set: stages made before the option stay valid
+        settings["pseudo_view_loss_downsample"] = bench.pseudo_view_loss_downsample
     runs.records.append(book.ensure(runs.difix3d, settings, make_difix3d, (plain_record,)))
 
     runs.on_renders = out / f"difix-{difix_id}" / "on_renders"
@@ -751,7 +756,9 @@ def markdown(bench: BenchQuality, report: dict, results: list[dict]) -> str:
         f"{bench.steps} 3DGS steps per run. Plain 3DGS and Difix3D train with the same seed and are the same run up to "
         f"Difix3D's first fix round at step {bench.fix_start} ("
         + ("checked bit for bit in every scene" if summary["paired_runs_identical_before_first_round"] else "**NOT identical in every scene: see quality.json**")
-        + f"; then a round every {bench.steps_per_fix} steps, pose step {bench.pose_step}). Difix3D+ is Difix on that Difix3D render; Difix on "
+        + f"; then a round every {bench.steps_per_fix} steps, pose step {bench.pose_step}"
+        + (f", pseudo-view loss on {bench.pseudo_view_loss_downsample}x-pooled images" if bench.pseudo_view_loss_downsample != 1 else "")
+        + "). Difix3D+ is Difix on that Difix3D render; Difix on "
         f"3DGS renders is Difix on the plain render. Noise floor: plain 3DGS with training seeds "
         f"{', '.join(map(str, bench.noise_seeds))}. Plain 3DGS on its own training views: "
         f"{summary['train_view_psnr_3dgs']['mean']:.2f} dB (min {summary['train_view_psnr_3dgs']['min']:.2f}).",

@@ -35,7 +35,7 @@ from gsplat.strategy import DefaultStrategy
 
 from difix3d.core.poses import to_homogeneous
 from difix3d.core.progressive import ProgressiveConfig, select_targets
-from difix3d.core.steps import Difix3DUpdate, Enhancer, EnhancerConfig
+from difix3d.core.steps import Difix3DUpdate, Enhancer, EnhancerConfig, downsample_for_loss
 from difix3d.data.sfm import camera_to_world
 from difix3d.devices import DtypeName, resolve_device, resolve_dtype
 from difix3d.errors import Difix3DError
@@ -305,6 +305,7 @@ class Runner:
         colors = colors[0]
         if mask is not None:  # pseudo views: colour and target zeroed where the render was transparent
             colors, target = colors * mask, target * mask
+            colors, target = (downsample_for_loss(image, pseudo.loss_downsample) for image in (colors, target))
         self.strategy.step_pre_backward(self.splats, self.optimizers, self.strategy_state, self.step, info)
         l1 = (colors - target).abs().mean()
         ssim_loss = 1 - ssim(colors.permute(2, 0, 1)[None], target.permute(2, 0, 1)[None]).mean()

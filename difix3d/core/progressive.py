@@ -62,6 +62,10 @@ class ProgressiveConfig:
     round's uniformly."""
     pseudo_view_loss_weight: float = 0.3
     """Weight of the photometric loss on a pseudo view."""
+    pseudo_view_loss_downsample: int = 1
+    """Compare a pseudo view with its render after average-pooling both by this factor. 1 is the
+    release; > 1 takes only coarse colour from the fixed image and leaves fine detail to the
+    training views (not in the release; `scripts/bench_quality.py --pseudo-view-loss-downsample`)."""
     accumulation_threshold: float = 0.5
     """Pseudo-view loss only counts pixels whose rendered accumulation (opacity) is above this."""
     target_camera_path: Optional[Path] = None
@@ -86,6 +90,10 @@ class ProgressiveConfig:
             (
                 self.pseudo_view_loss_weight >= 0,
                 f"{name('pseudo_view_loss_weight')} must be >= 0, got {self.pseudo_view_loss_weight}",
+            ),
+            (
+                self.pseudo_view_loss_downsample >= 1,
+                f"{name('pseudo_view_loss_downsample')} must be >= 1, got {self.pseudo_view_loss_downsample}",
             ),
             (
                 0 <= self.accumulation_threshold < 1,

@@ -16,6 +16,7 @@ and a `Fixer` (`difix3d.core.fixer`). In the manner of gsplat's `Strategy`:
         update.fix_round_if_due(step)            # before the step: maybe a fix round
         pseudo = update.draw_pseudo_view()       # None: train on a real view this step
         ...                                       # loss on `pseudo.image` where `pseudo.mask`, x loss_weight
+                                                  # (both pooled by `downsample_for_loss` when loss_downsample > 1)
     torch.save({"difix3d": update.state_dict(), ...})   # and update.load_state_dict(...) to resume
 
 `Enhancer` is Difix3D+: a render fixed with the nearest training image(s) as references.
@@ -71,6 +72,18 @@ class PseudoViewBatch:
     """[H, W, 1] bool: pixels whose rendered accumulation was above the threshold; the loss counts only these."""
     loss_weight: float
     """Weight of this view's photometric loss."""
+    loss_downsample: int = 1
+    """Compare render and image after `downsample_for_loss` by this factor (1: pixel by pixel)."""
+
+
+def downsample_for_loss(images: Tensor, factor: int) -> Tensor:
+    """Images [..., H, W, C] average-pooled by `factor` in H and W (a last partial block is dropped).
+    Apply the pseudo view's mask first, to render and fixed image alike."""
+    if factor == 1:
+        return images
+    channels_first = images.movedim(-1, -3)
+    pooled = torch.nn.functional.avg_pool2d(channels_first.reshape(-1, *channels_first.shape[-3:]), factor)
+    return pooled.reshape(*channels_first.shape[:-2], *pooled.shape[-2:]).movedim(-3, -1)
 
 
 def _to_float(images: Tensor) -> Tensor:
@@ -193,6 +206,7 @@ class Difix3DUpdate:
             image=image,
             mask=mask,
             loss_weight=self.config.pseudo_view_loss_weight,
+            loss_downsample=self.config.pseudo_view_loss_downsample,
         )
 
     def round_summary(self, plan: RoundPlan) -> str:
