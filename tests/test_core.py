@@ -11,7 +11,7 @@ import torch
 from difix3d.core.fixer import Fixer
 from difix3d.core.poses import make_pose, nearest_poses
 from difix3d.core.progressive import ProgressiveConfig, Targets
-from difix3d.core.steps import Difix3DUpdate, Enhancer, EnhancerConfig
+from difix3d.core.steps import Difix3DUpdate, Enhancer, EnhancerConfig, downsample_for_loss
 from difix3d.errors import Difix3DError
 
 HEIGHT, WIDTH = 6, 8
@@ -111,7 +111,19 @@ def test_pseudo_views_carry_fixed_image_mask_and_weight(tmp_path):
     assert pseudo.mask.shape == (HEIGHT, WIDTH, 1)
     assert not pseudo.mask[:, : WIDTH // 2].any() and pseudo.mask[:, WIDTH // 2 :].all()
     assert pseudo.loss_weight == 0.3 and pseudo.intrinsics_of == view.reference_indices[0]
+    assert pseudo.loss_downsample == 1  # the release compares pixel by pixel
     assert torch.equal(pseudo.pose, view.pose)
+    update = make_update(tmp_path / "pooled", pseudo_view_prob=1.0, pseudo_view_loss_downsample=4)
+    update.fix_round_if_due(100)
+    assert update.draw_pseudo_view().loss_downsample == 4
+
+
+def test_downsample_for_loss_averages_blocks_of_any_batch_shape():
+    images = torch.rand(2, 5, 9, 13, 3)
+    pooled = downsample_for_loss(images, 4)
+    assert pooled.shape == (2, 5, 2, 3, 3)  # the last partial rows and columns are dropped
+    torch.testing.assert_close(pooled[1, 2, 1, 2], images[1, 2, 4:8, 8:12].mean(dim=(0, 1)))
+    assert downsample_for_loss(images, 1) is images
 
 
 def test_renders_of_different_sizes_are_fixed_one_by_one(tmp_path):

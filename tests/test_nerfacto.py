@@ -154,3 +154,16 @@ def test_model_is_nerfactos_own_without_torchmetrics_lpips():
     assert ours_state.keys() == theirs_state.keys()
     assert all(torch.equal(ours_state[key], theirs_state[key]) for key in ours_state)
     assert len(ours.density_fns) == len(theirs.density_fns) and ours.proposal_sampler.update_sched(50) == theirs.proposal_sampler.update_sched(50)
+
+
+def test_pooled_pseudo_view_loss_is_refused_on_rays():
+    import copy
+
+    from difix3d.errors import Difix3DError
+    from nerfstudio_plugin.config import difix3d_nerfacto
+    from nerfstudio_plugin.pipeline import Difix3DNerfactoPipeline
+
+    config = copy.deepcopy(difix3d_nerfacto.config.pipeline)
+    config.progressive.pseudo_view_loss_downsample = 2
+    with pytest.raises(Difix3DError, match="difix3d-nerfacto trains on rays.*pseudo-view-loss-downsample at 1"):
+        Difix3DNerfactoPipeline(config, "cpu")

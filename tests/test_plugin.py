@@ -143,3 +143,41 @@ def test_train_render_eval(interrupted_and_resumed, small_scene: Path, tmp_path:
         assert not lpips_keys & set(results)
     else:
         assert all(0 <= results[key] < 1 for key in lpips_keys), results
+
+
+@pytest.mark.slow
+def test_pooled_pseudo_view_loss_in_process(small_scene: Path, tmp_path: Path):
+    """--pipeline.progressive.pseudo-view-loss-downsample 4: a pseudo view's photometric loss is
+    Splatfacto's (L1 and SSIM, weighted) on the masked render and fixed image, both pooled 4x4."""
+    import copy
+
+    from difix3d.core.steps import downsample_for_loss
+    from nerfstudio_plugin.config import difix3d_gs
+
+    config = copy.deepcopy(difix3d_gs.config)
+    config.data = config.pipeline.datamanager.data = small_scene
+    config.output_dir, config.machine.device_type, config.vis = tmp_path, "cpu", "tensorboard"
+    config.pipeline.model.num_downscales = 0
+    config.pipeline.difix.model = "random-tiny-architecture"
+    progressive = config.pipeline.progressive
+    progressive.fix_start, progressive.pseudo_view_prob, progressive.pseudo_view_loss_downsample = 0, 1.0, 4
+    config.set_timestamp()
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    pipeline, model = trainer.pipeline, trainer.pipeline.model
+    pipeline.fix_round_if_due(0)
+
+    camera, batch = pipeline.datamanager.next_train(1)
+    assert batch["loss_downsample"] == 4 and batch["loss_weight"] == 0.3
+    model.eval()  # a training-mode render steps the densification strategy, whose optimizers the trainer owns
+    with torch.no_grad():
+        outputs = model.get_outputs(camera)
+        pooled = model.get_loss_dict(outputs, batch)["main_loss"]
+        per_pixel = model.get_loss_dict(outputs, {**batch, "loss_downsample": 1})["main_loss"]
+    mask = batch["mask"]
+    render, image = (downsample_for_loss(x * mask, 4) for x in (outputs["rgb"], batch["image"].float() / 255))
+    assert render.shape == (15, 20, 3)
+    ssim = model.ssim(image.permute(2, 0, 1)[None], render.permute(2, 0, 1)[None])
+    expected = 0.3 * (0.8 * (image - render).abs().mean() + 0.2 * (1 - ssim))
+    torch.testing.assert_close(pooled, expected)
+    assert not torch.isclose(pooled, per_pixel)

@@ -89,7 +89,8 @@ def temporary_files(root):
 @pytest.mark.parametrize(
     "overrides",
     [{"steps_per_fix": 0}, {"pose_step": 0.0}, {"num_refs": 0}, {"pseudo_view_prob": 1.5}, {"fix_start": -1},
-     {"accumulation_threshold": 1.0}, {"pseudo_view_loss_weight": -0.1}],
+     {"accumulation_threshold": 1.0}, {"pseudo_view_loss_weight": -0.1},
+     {"pseudo_view_loss_downsample": 0}],
 )
 def test_config_rejects_bad_knobs(tmp_path, overrides):
     with pytest.raises(Difix3DError):
