@@ -56,6 +56,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -859,24 +860,45 @@ def grid_image(bench: BenchQuality, results: list[dict], scenes: dict[str, Path]
 
 
 def rounds_plot(results: list[dict], path: Path) -> None:
+    """Per fix round: PSNR of the pseudo views on their targets (render and its Difix fix) and the
+    pose distance left; thin lines are scenes, thick lines the mean over scenes (a legend per scene
+    is unreadable past a few scenes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def mean_curve(curves: list[list[float]]) -> np.ndarray:
+        length = max(len(curve) for curve in curves)
+        padded = np.full((len(curves), length), np.nan)
+        for row, curve in zip(padded, curves):
+            row[: len(curve)] = curve
+        with warnings.catch_warnings():  # a round no scene reached is NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(padded, axis=0)
+
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    curves: dict[str, list[list[float]]] = {"render": [], "fixed": [], "distance": []}
     for result in results:
-        rounds = result["rounds"]
-        x = [r["round"] for r in rounds]
-        for kind, style in (("render", "-o"), ("fixed", "--x")):
-            y = [r[kind]["psnr"] if r[kind] else np.nan for r in rounds]
-            left.plot(x, y, style, label=f"{result['scene']} {kind}")
-        right.plot(x, [r["mean_distance"] for r in rounds], "-o", label=result["scene"])
-        left.axhline(result["mean"]["3dgs"]["psnr"], color="gray", lw=0.5)
-    left.set(xlabel="fix round", ylabel="PSNR (dB) at targets reached", title="pseudo views on target: render vs Difix")
+        for kind in ("render", "fixed"):
+            curves[kind].append([r[kind]["psnr"] if r[kind] else np.nan for r in result["rounds"]])
+        curves["distance"].append([r["mean_distance"] for r in result["rounds"]])
+    styles = {"render": ("tab:blue", "-o", "render at the pseudo pose"), "fixed": ("tab:orange", "--x", "Difix on that render")}
+    for kind, (colour, style, label) in styles.items():
+        for curve in curves[kind]:
+            left.plot(range(len(curve)), curve, style, color=colour, alpha=0.25, lw=0.8, ms=3)
+        mean = mean_curve(curves[kind])
+        left.plot(range(len(mean)), mean, style, color=colour, lw=2.5, label=f"{label} (mean)")
+    left.axhline(float(np.mean([r["mean"]["3dgs"]["psnr"] for r in results])), color="gray", lw=1, ls=":", label="plain 3DGS, held-out views (mean)")
+    for curve in curves["distance"]:
+        right.plot(range(len(curve)), curve, "-o", color="tab:green", alpha=0.25, lw=0.8, ms=3)
+    mean = mean_curve(curves["distance"])
+    right.plot(range(len(mean)), mean, "-o", color="tab:green", lw=2.5, label="mean over scenes")
+    left.set(xlabel="fix round", ylabel="PSNR (dB)", title=f"pseudo views on their targets ({len(results)} scenes)")
     right.set(xlabel="fix round", ylabel="mean pose distance to target", title="progressive poses")
-    left.legend(fontsize=6)
-    right.legend(fontsize=6)
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
