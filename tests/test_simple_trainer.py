@@ -36,7 +36,8 @@ def test_fix_rounds_eval_and_resume(tiny_scene: Path, tmp_path: Path):
 
     # Resuming continues from the step-50 checkpoint (Gaussians densified since the start) and
     # moves the pseudo views on from round 1's poses.
-    output = trainer(tiny_scene, results, 70, "--resume")
+    # (With the pooled pseudo-view loss from here on: the trainer's pooling path runs too.)
+    output = trainer(tiny_scene, results, 70, "--resume", "--progressive.pseudo-view-loss-downsample", "2")
     assert "resumed from ckpt_000050_rank0.pt at step 50" in output
     assert "Difix3D round 2 at step 60" in output and "eval step 70: PSNR" in output
     manifest = json.loads((results / "difix3d" / "manifest.json").read_text())
