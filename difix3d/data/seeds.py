@@ -10,8 +10,8 @@ from __future__ import annotations
 EVALUATION_SEED_RANGE = range(1000, 2000)
 """Seeds that only the benchmark's evaluation scenes may use."""
 
-EVALUATION_SEEDS = tuple(range(1000, 1013))
-"""The benchmark's evaluation scenes (M = 13)."""
+EVALUATION_SEEDS = tuple(range(1000, 1019))
+"""The benchmark's evaluation scenes (M = 19)."""
 
 
 def is_evaluation_seed(seed: int) -> bool:
