@@ -130,6 +130,8 @@ class BenchQuality:
     pose_step: float = 0.3
     """Progressive pose step in nerfstudio's normalised scene units (scenes span about [-1, 1])."""
     pseudo_view_prob: float = 0.3
+    pseudo_view_loss_weight: float = 0.3
+    """Weight of Difix3D's photometric loss on a pseudo view (0.3: the release)."""
     pseudo_view_loss_downsample: int = 1
     """Difix3D compares each pseudo view with its render after pooling both by this factor (1: the release)."""
     jobs: int = 2
@@ -484,6 +486,7 @@ def evaluate_scene(bench: BenchQuality, book: StageBook, scene: Path, scene_reco
         method = ["--pipeline.difix.model", difix_spec,
                   "--pipeline.progressive.fix-start", bench.fix_start, "--pipeline.progressive.steps-per-fix", bench.steps_per_fix,
                   "--pipeline.progressive.pose-step", bench.pose_step, "--pipeline.progressive.pseudo-view-prob", bench.pseudo_view_prob,
+                  "--pipeline.progressive.pseudo-view-loss-weight", bench.pseudo_view_loss_weight,
                   "--pipeline.progressive.pseudo-view-loss-downsample", bench.pseudo_view_loss_downsample]  # fmt: skip
         train_and_render(bench, scene, runs.difix3d / "run", seed, method, "test", ["rgb", "rgb_enhanced"], runs.difix3d / "renders")
         step = bench.fix_start - 1
@@ -496,7 +499,10 @@ def evaluate_scene(bench: BenchQuality, book: StageBook, scene: Path, scene_reco
         "difix": difix_id, "train_seed": seed, "steps": bench.steps, "fix_start": bench.fix_start,
         "steps_per_fix": bench.steps_per_fix, "pose_step": bench.pose_step, "pseudo_view_prob": bench.pseudo_view_prob,
     }  # fmt: skip
-    if bench.pseudo_view_loss_downsample != 1:  # recorded only when set: stages made before the option stay valid
+    # Recorded only when not the release's: stages made before these options stay valid.
+    if bench.pseudo_view_loss_weight != 0.3:
+        settings["pseudo_view_loss_weight"] = bench.pseudo_view_loss_weight
+    if bench.pseudo_view_loss_downsample != 1:
         settings["pseudo_view_loss_downsample"] = bench.pseudo_view_loss_downsample
     runs.records.append(book.ensure(runs.difix3d, settings, make_difix3d, (plain_record,)))
 
@@ -758,6 +764,7 @@ def markdown(bench: BenchQuality, report: dict, results: list[dict]) -> str:
         f"Difix3D's first fix round at step {bench.fix_start} ("
         + ("checked bit for bit in every scene" if summary["paired_runs_identical_before_first_round"] else "**NOT identical in every scene: see quality.json**")
         + f"; then a round every {bench.steps_per_fix} steps, pose step {bench.pose_step}"
+        + (f", pseudo-view loss weight {bench.pseudo_view_loss_weight}" if bench.pseudo_view_loss_weight != 0.3 else "")
         + (f", pseudo-view loss on {bench.pseudo_view_loss_downsample}x-pooled images" if bench.pseudo_view_loss_downsample != 1 else "")
         + "). Difix3D+ is Difix on that Difix3D render; Difix on "
         f"3DGS renders is Difix on the plain render. Noise floor: plain 3DGS with training seeds "
