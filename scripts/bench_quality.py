@@ -70,6 +70,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from difix3d.core.progressive import ProgressiveConfig
 from difix3d.data.seeds import EVALUATION_SEEDS
 from difix3d.devices import device_name
 from difix3d.errors import Difix3DError
@@ -130,9 +131,9 @@ class BenchQuality:
     pose_step: float = 0.3
     """Progressive pose step in nerfstudio's normalised scene units (scenes span about [-1, 1])."""
     pseudo_view_prob: float = 0.3
-    pseudo_view_loss_weight: float = 0.3
+    pseudo_view_loss_weight: float = ProgressiveConfig.pseudo_view_loss_weight
     """Weight of Difix3D's photometric loss on a pseudo view (0.3: the release)."""
-    pseudo_view_loss_downsample: int = 1
+    pseudo_view_loss_downsample: int = ProgressiveConfig.pseudo_view_loss_downsample
     """Difix3D compares each pseudo view with its render after pooling both by this factor (1: the release)."""
     jobs: int = 2
     """Evaluation scenes run at once, each subprocess with `threads` threads (2 on 2 cores: about half
@@ -457,6 +458,19 @@ class SceneRuns:
     records: list[dict] = field(default_factory=list)
 
 
+PSEUDO_VIEW_LOSS_WORDS = {
+    "pseudo_view_loss_weight": "pseudo-view loss weight {}",
+    "pseudo_view_loss_downsample": "pseudo-view loss on {}x-pooled images",
+}
+"""How the report names each pseudo-view loss setting that is not the release's."""
+
+
+def pseudo_view_loss_settings(bench: BenchQuality) -> dict:
+    """The pseudo-view loss settings that differ from the release's (`ProgressiveConfig`'s defaults).
+    A Difix3D stage records only these, so stages made before the options existed stay valid."""
+    return {name: getattr(bench, name) for name in PSEUDO_VIEW_LOSS_WORDS if getattr(bench, name) != getattr(ProgressiveConfig, name)}
+
+
 def plain_runs(bench: BenchQuality, book: StageBook, scene: Path, scene_record: dict) -> SceneRuns:
     """The plain 3DGS repeats of one evaluation scene (one per noise seed): no Difix involved."""
     out = bench.work / "eval" / scene.name
@@ -499,11 +513,7 @@ def evaluate_scene(bench: BenchQuality, book: StageBook, scene: Path, scene_reco
         "difix": difix_id, "train_seed": seed, "steps": bench.steps, "fix_start": bench.fix_start,
         "steps_per_fix": bench.steps_per_fix, "pose_step": bench.pose_step, "pseudo_view_prob": bench.pseudo_view_prob,
     }  # fmt: skip
-    # Recorded only when not the release's: stages made before these options stay valid.
-    if bench.pseudo_view_loss_weight != 0.3:
-        settings["pseudo_view_loss_weight"] = bench.pseudo_view_loss_weight
-    if bench.pseudo_view_loss_downsample != 1:
-        settings["pseudo_view_loss_downsample"] = bench.pseudo_view_loss_downsample
+    settings.update(pseudo_view_loss_settings(bench))
     runs.records.append(book.ensure(runs.difix3d, settings, make_difix3d, (plain_record,)))
 
     runs.on_renders = out / f"difix-{difix_id}" / "on_renders"
@@ -764,8 +774,7 @@ def markdown(bench: BenchQuality, report: dict, results: list[dict]) -> str:
         f"Difix3D's first fix round at step {bench.fix_start} ("
         + ("checked bit for bit in every scene" if summary["paired_runs_identical_before_first_round"] else "**NOT identical in every scene: see quality.json**")
         + f"; then a round every {bench.steps_per_fix} steps, pose step {bench.pose_step}"
-        + (f", pseudo-view loss weight {bench.pseudo_view_loss_weight}" if bench.pseudo_view_loss_weight != 0.3 else "")
-        + (f", pseudo-view loss on {bench.pseudo_view_loss_downsample}x-pooled images" if bench.pseudo_view_loss_downsample != 1 else "")
+        + "".join(", " + PSEUDO_VIEW_LOSS_WORDS[name].format(value) for name, value in pseudo_view_loss_settings(bench).items())
         + "). Difix3D+ is Difix on that Difix3D render; Difix on "
         f"3DGS renders is Difix on the plain render. Noise floor: plain 3DGS with training seeds "
         f"{', '.join(map(str, bench.noise_seeds))}. Plain 3DGS on its own training views: "
