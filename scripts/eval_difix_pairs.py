@@ -8,6 +8,9 @@ pose) or `wide`; other strategies' pairs count as `other`. Prints a table and, w
 the figures. `--ablations` also scores each model without its reference view and with its UNet
 silenced: how much of a fix comes from the reference, and how much from the UNet at all.
 `--bands SIGMA` scores each output's low and high frequencies apart (each over the input's other band).
+`--on-targets` also runs each model on the clean target itself: how far Difix moves an image that
+needs no fix, which bounds what it costs a clean render (a change uncorrelated with a 30 dB render's
+error must stay above about 41.7 dB for the render to lose at most 0.3 dB).
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ class EvalPairs:
     """If > 0, also score each model "<spec> low band" (its output's low frequencies over the input's
     high ones; a Gaussian blur of this sigma, in pixels, splits them) and "<spec> high band" (the
     converse): which frequencies a model's gains and costs sit in."""
+    on_targets: bool = False
+    """Also score each model "<spec> on target": Difix run on the pair's clean target (same reference)
+    and scored against that target, so its PSNR measures how far Difix moves an image that needs no fix."""
 
 
 def pair_kind(pair_id: str) -> str:
@@ -100,6 +106,7 @@ def main(settings: EvalPairs) -> dict:
             fixers[f"{spec} UNet off"] = functools.partial(fix_with, silenced, use_ref=True)
     banded = list(models) if settings.bands > 0 else []
     names = ["input", *fixers, *(f"{spec} {band}" for spec in banded for band in BANDS)]
+    names += [f"{spec} on target" for spec in models] if settings.on_targets else []
     scores: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for pair in tqdm(pairs, desc="pairs", unit="pair"):
         image, target, ref = (None if t is None else t[None] for t in load_pair_images(pair))
@@ -109,6 +116,9 @@ def main(settings: EvalPairs) -> dict:
         for spec in banded:
             for band, swapped in band_swaps(outputs[spec], outputs["input"], settings.bands).items():
                 outputs[f"{spec} {band}"] = swapped
+        if settings.on_targets:
+            for spec in models:
+                outputs[f"{spec} on target"] = fixers[spec](target, ref).float().clamp(0, 1)
         for name, output in outputs.items():
             measured = image_scores(output, target, lpips)
             for kind in (pair_kind(pair.id), "all"):

@@ -48,3 +48,21 @@ def test_scores_models_with_ablations_and_bands(eval_pairs, tmp_path):
     row = summary["other"]
     assert row["pairs"] == 1 and set(row) == {"pairs", "input", *expected}
     assert all(np.isfinite(row[name]["psnr"]) for name in ["input", *expected])
+
+
+def test_on_targets_scores_difix_run_on_the_clean_target(eval_pairs, tmp_path):
+    rng = np.random.default_rng(1)
+    clean = rng.uniform(0.2, 0.8, (32, 32, 3))
+    for name, image in {"in": np.clip(clean + rng.normal(0, 0.1, clean.shape), 0, 1), "gt": clean}.items():
+        iio.imwrite(tmp_path / f"{name}.png", (image * 255).astype(np.uint8))
+    pair = {"image": "in.png", "target_image": "gt.png", "prompt": "remove degradation"}
+    dataset = tmp_path / "data.json"
+    dataset.write_text(json.dumps({"train": {"p0": pair}, "test": {"t0": pair}}))
+
+    summary = eval_pairs.main(eval_pairs.EvalPairs(dataset=dataset, model=["random-tiny-architecture"], on_targets=True))
+
+    row = summary["other"]
+    assert set(row) == {"pairs", "input", "random-tiny-architecture", "random-tiny-architecture on target"}
+    # Random weights move the clean target far: a finite PSNR, well below an untouched image's.
+    assert np.isfinite(row["random-tiny-architecture on target"]["psnr"])
+    assert row["random-tiny-architecture on target"]["psnr"] < 40
