@@ -28,15 +28,22 @@ def test_bands_split_an_output_into_low_and_high_frequencies(eval_pairs):
     torch.testing.assert_close(swaps["high band"], image)
 
 
-def test_scores_models_with_ablations_and_bands(eval_pairs, tmp_path):
+def one_pair_dataset(folder, with_reference: bool = True):
+    """A dataset JSON whose train and test splits hold one noisy 32x32 pair (and its shifted reference)."""
     rng = np.random.default_rng(0)
     clean = rng.uniform(0.2, 0.8, (32, 32, 3))
     images = {"in": np.clip(clean + rng.normal(0, 0.1, clean.shape), 0, 1), "gt": clean, "ref": np.roll(clean, 3, axis=1)}
     for name, image in images.items():
-        iio.imwrite(tmp_path / f"{name}.png", (image * 255).astype(np.uint8))
-    pair = {"image": "in.png", "target_image": "gt.png", "ref_image": "ref.png", "prompt": "remove degradation"}
-    dataset = tmp_path / "data.json"
+        iio.imwrite(folder / f"{name}.png", (image * 255).astype(np.uint8))
+    pair = {"image": "in.png", "target_image": "gt.png", "prompt": "remove degradation"}
+    pair.update({"ref_image": "ref.png"} if with_reference else {})
+    dataset = folder / "data.json"
     dataset.write_text(json.dumps({"train": {"p0": pair}, "test": {"t0": pair}}))
+    return dataset
+
+
+def test_scores_models_with_ablations_and_bands(eval_pairs, tmp_path):
+    dataset = one_pair_dataset(tmp_path)
 
     report = tmp_path / "scores.json"
     settings = eval_pairs.EvalPairs(dataset=dataset, model=["random-tiny-architecture"], ablations=True, bands=2.0, json=report)
@@ -51,13 +58,7 @@ def test_scores_models_with_ablations_and_bands(eval_pairs, tmp_path):
 
 
 def test_on_targets_scores_difix_run_on_the_clean_target(eval_pairs, tmp_path):
-    rng = np.random.default_rng(1)
-    clean = rng.uniform(0.2, 0.8, (32, 32, 3))
-    for name, image in {"in": np.clip(clean + rng.normal(0, 0.1, clean.shape), 0, 1), "gt": clean}.items():
-        iio.imwrite(tmp_path / f"{name}.png", (image * 255).astype(np.uint8))
-    pair = {"image": "in.png", "target_image": "gt.png", "prompt": "remove degradation"}
-    dataset = tmp_path / "data.json"
-    dataset.write_text(json.dumps({"train": {"p0": pair}, "test": {"t0": pair}}))
+    dataset = one_pair_dataset(tmp_path, with_reference=False)
 
     summary = eval_pairs.main(eval_pairs.EvalPairs(dataset=dataset, model=["random-tiny-architecture"], on_targets=True))
 
