@@ -157,6 +157,24 @@ def test_gradients_reach_unet_lora_and_skips_not_encoder(trained: Difix) -> None
     assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
 
 
+def test_residual_output_keeps_what_the_unet_leaves_and_trains_both_parts(trained: Difix) -> None:
+    from difix3d.training.autoencoder import identity_start
+
+    views = _images(1, 2, 3, 16, 24) * 1.6 - 0.8
+    model = copy.deepcopy(trained)
+    model.config.residual_output = True
+    assert not torch.allclose(model(views), views[:, 0], atol=1e-3)  # a trained UNet changes the image
+    identity_start(model)  # the UNet now leaves every latent as it is
+    torch.testing.assert_close(model(views), views[:, 0], atol=1e-5, rtol=0)  # the autoencoder's error too
+
+    model = copy.deepcopy(trained).train()
+    model.config.residual_output = True
+    model(views).square().mean().backward()
+    vae = dict(model.vae.named_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.unet.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in vae.items() if "lora_B" in n)
+
+
 def test_save_and_load_are_bit_exact(trained: Difix, tmp_path) -> None:
     save_pretrained(trained, tmp_path / "model")
     loaded = load_pretrained(tmp_path / "model")

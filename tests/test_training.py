@@ -92,6 +92,14 @@ def test_only_the_trainable_parts_change(full_run):
     assert any("lora_" in key for key in changed) and any("skip_conv" in key for key in changed)
 
 
+def test_residual_output_is_switched_on_and_kept(dataset, tmp_path):
+    first, second = tmp_path / "residual", tmp_path / "onwards"
+    train(_config(dataset, first, steps=2, eval_every=0, residual_output=True))
+    assert load_difix(first).config.residual_output and "**Output**: residual" in (first / "README.md").read_text()
+    train(_config(dataset, second, steps=1, eval_every=0, model=str(first)))  # without the flag
+    assert load_difix(second).config.residual_output
+
+
 def test_resume_continues_bit_for_bit(full_run, dataset, tmp_path):
     _, uninterrupted = full_run
     output = tmp_path / "resumed"

@@ -134,6 +134,10 @@ class DifixConfig:
     # `difix3d.training.autoencoder.identity_start` folded its inverse into the decoder. The latent
     # a training target should give (`Difix.target_latent`) is its encoder latent times this.
     latent_gain: float = 1.0
+    # False (the release): the image is the decoder's output. True: the input plus the change the
+    # decoder makes when the UNet changes the latent, decode(fixed) - decode(unchanged): a latent the
+    # UNet leaves alone leaves the image exactly as it was, autoencoder error included.
+    residual_output: bool = False
 
     @classmethod
     def named(cls, name: str) -> DifixConfig:
@@ -390,7 +394,11 @@ class Difix(nn.Module):
         del skips
         clean = self.denoise(latents, num_views)
         target = clean.unflatten(0, (batch, num_views))[:, 0]
-        image = self.decode(target, target_skips).clamp(-1.0, 1.0)
+        image = self.decode(target, target_skips)
+        if self.config.residual_output:
+            unchanged = latents.unflatten(0, (batch, num_views))[:, 0] * self.config.latent_gain
+            image = views[:, 0] + image - self.decode(unchanged, target_skips)
+        image = image.clamp(-1.0, 1.0)
         return (image, target) if return_latent else image
 
     # ----------------------------------------------------------------------------- inference

@@ -113,6 +113,10 @@ class TrainConfig:
     lambda_latent: float = 0.0
     """L2 between the UNet's predicted latent and the target image's latent (not in the paper; for
     small from-scratch Difixes whose decoder follows the input's skips, see difix3d.training.losses)."""
+    residual_output: bool = False
+    """Train (and save) the model with residual output (`DifixConfig.residual_output`): the input plus
+    the change its decoder makes when the UNet changes the latent, so what the UNet leaves alone stays
+    exactly as it was (not the release's architecture). A model saved that way keeps it without the flag."""
     perceptual_backbone: Literal["pretrained", "random"] = "pretrained"
     """VGG-16 for LPIPS and Gram: ImageNet weights (required unless "random", for tests only)."""
     vgg16_weights: Path | None = None
@@ -381,6 +385,8 @@ class DifixTrainer:
             # The saved model must say it now uses references (its config records how it was trained).
             logger.info("%s was trained without reference views; this training adds them", config.model)
             model.config.reference_views = True
+        if config.residual_output:
+            model.config.residual_output = True
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.trainable_names = _trainable_names(model)
@@ -716,6 +722,10 @@ class DifixTrainer:
         elif last_eval:
             metrics += f"; LPIPS n/a: {self.lpips_metric.unavailable_reason}"
         layer_weights = ", ".join(f"{w:.4g}" for w in GRAM_LAYER_WEIGHTS)
+        if self.accelerator.unwrap_model(self.model).config.residual_output:
+            output = "residual: the input plus decode(fixed latent) − decode(unchanged latent)"
+        else:
+            output = "the decoder's image (the release's)"
         return f"""# Difix fine-tuned with difix3d
 
 Load this folder with `difix3d.models.checkpoint.load_difix(FOLDER)` or `difix3d fix --model FOLDER ...`.
@@ -732,6 +742,7 @@ pairs per step ({config.batch_size} per process)
 - **Optimizer**: AdamW, lr {config.learning_rate:g}{"" if config.unet_learning_rate is None else f" (UNet {config.unet_learning_rate:g})"}, weight decay {config.weight_decay:g}, grad-norm clip {config.max_grad_norm:g}
 - **Precision**: {"fp32" if self.accelerator.mixed_precision == "no" else self.accelerator.mixed_precision + " mixed precision"}; gradient checkpointing {"on" if config.gradient_checkpointing else "off"}
 - **Trained**: UNet (all weights), VAE decoder LoRA and skip convs; VAE encoder frozen
+- **Output**: {output}
 - **Loss**: {config.lambda_l2:g}·{"L2" if config.l2_form == "mse" else "log10 L2 (per image)"} + {config.lambda_lpips:g}·LPIPS(VGG) + {config.lambda_gram:g}·Gram \
 (VGG-16 relu1_2…relu5_3, layer weights {layer_weights}; on after {config.gram_warmup_steps} steps){f" + {config.lambda_latent:g}·L2 of the UNet's latent to the target's" if config.lambda_latent > 0 else ""}
 - **Perceptual backbone**: {backbone}
