@@ -209,6 +209,11 @@ def test_release_checkpoint_loads_back_identically(difix: Difix, trained: Difix,
     reference_free.config.reference_views = False
     save_release_checkpoint(reference_free, tmp_path / "model_20.pkl")
     assert not load_difix(tmp_path / "model_20.pkl", base=tmp_path / "base").config.reference_views
+    residual = copy.deepcopy(trained)
+    residual.config.residual_output = True
+    save_release_checkpoint(residual, tmp_path / "model_40.pkl")
+    assert load_difix(tmp_path / "model_40.pkl", base=tmp_path / "base").config.residual_output
+    assert not loaded.config.residual_output
     del release["mv_unet"]
     torch.save(release, tmp_path / "model_30.pkl")
     assert load_difix(tmp_path / "model_30.pkl", base=tmp_path / "base").config.reference_views

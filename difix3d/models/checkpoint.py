@@ -17,7 +17,8 @@ a difix3d folder's config; a diffusers folder's layout -- `nvidia/difix_ref` shi
 UNet as custom code (`model_index.json` names the module `unet_2d_condition`, the folder holds
 `unet/unet_2d_condition.py`), while `nvidia/difix` and SD-Turbo name diffusers' own UNet; a `.pkl`'s
 `mv_unet` field (the release's switch, written by `save_release_checkpoint`), else assumed (the
-release trains Difix-ref with `--mv_unet`). The Difix settings that a hub VAE config carries beside
+release trains Difix-ref with `--mv_unet`). A `.pkl` written by `save_release_checkpoint` also
+records `residual_output` (absent: the release's decoded image). The Difix settings that a hub VAE config carries beside
 diffusers' own (`gamma`, `ignore_skip`, `lora_rank`) are read into the DifixConfig.
 """
 
@@ -143,6 +144,7 @@ def save_release_checkpoint(difix: Difix, path: str | os.PathLike, optimizer_sta
             "vae_lora_target_modules": list(difix.config.lora_target_modules),
             "rank_vae": difix.config.lora_rank,
             "mv_unet": difix.config.reference_views,  # the release's name; its loader ignores extra keys
+            "residual_output": difix.config.residual_output,  # ours (the release decodes the image)
             "optimizer": optimizer_state or {},
         },
         path,
@@ -168,6 +170,7 @@ def load_release_checkpoint(path: str | os.PathLike, base: str | os.PathLike = D
         lora_rank=int(release["rank_vae"]),
         lora_target_modules=list(release["vae_lora_target_modules"]),
         reference_views=bool(release.get("mv_unet", True)),
+        residual_output=bool(release.get("residual_output", False)),
     )
     # The base gives everything the release does not train; its own adapters (if any) are replaced.
     state = {key: value for key, value in base_state.items() if not is_adapter_key(key)}
