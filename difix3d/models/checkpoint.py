@@ -18,8 +18,8 @@ UNet as custom code (`model_index.json` names the module `unet_2d_condition`, th
 `unet/unet_2d_condition.py`), while `nvidia/difix` and SD-Turbo name diffusers' own UNet; a `.pkl`'s
 `mv_unet` field (the release's switch, written by `save_release_checkpoint`), else assumed (the
 release trains Difix-ref with `--mv_unet`). A `.pkl` written by `save_release_checkpoint` also
-records `residual_output` (absent: the release's decoded image). The Difix settings that a hub VAE config carries beside
-diffusers' own (`gamma`, `ignore_skip`, `lora_rank`) are read into the DifixConfig.
+records `residual_output` (absent: the release's decoded image). The Difix settings that a hub VAE
+config carries beside diffusers' own (`gamma`, `ignore_skip`, `lora_rank`) are read into the DifixConfig.
 """
 
 from __future__ import annotations
